@@ -12,28 +12,29 @@ import operator
 import torch
 from torch import fx, nn
 
+from .graph import layer_of
 from .trace import node_shape
 
 _MATMULS = {torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm"}
 
 
 def node_macs(gm: fx.GraphModule, node: fx.Node) -> int:
-    """Multiply-accumulates of one node (0 for ops that are not counted or lack shapes)."""
+    """Multiply-accumulates of one node (0 for ops that are not counted or lack shapes).
+
+    Layers count in both forms (``call_module`` or functionalized with a weight edge)."""
     out = node_shape(node)
     if out is None:
         return 0
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
+    layer = layer_of(gm, node)
+    if layer is not None:
+        m = layer[1]
         if isinstance(m, nn.Linear):
             return math.prod(out) * m.in_features
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return math.prod(out) * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            inp = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-            if inp is None:
-                return 0
-            return math.prod(inp) * (m.out_channels // m.groups) * math.prod(m.kernel_size)
-        return 0
+        inp = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        return 0 if inp is None else (
+            math.prod(inp) * (m.out_channels // m.groups) * math.prod(m.kernel_size))
     if node.op in ("call_function", "call_method") and node.target in _MATMULS:
         first = node.args[0]
         inp = node_shape(first) if isinstance(first, fx.Node) else None

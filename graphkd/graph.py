@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import networkx as nx
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import ConfigError
@@ -287,3 +288,133 @@ def target_name(target: Any) -> str:
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
     return f"{module}.{name}" if module in ("torch", "operator") else name
+
+
+# --- Weight edges ---------------------------------------------------------------------------
+# Passes that transform weights (quantizers, sparsity masks, pruning masks) put modules on the
+# *weight edge* of a layer: the layer's call_module node is rewritten once into
+#   get_attr(conv1.weight) -> [transforms...] -> F.conv2d(x, w, b, ...)
+# so every transform is a visible, named node and several passes compose in pipeline order.
+# The module (and so the state_dict key ``conv1.weight``) stays where it was.
+
+def _conv_args(m: nn.Module) -> tuple:
+    return (m.stride, m.padding, m.dilation, m.groups)
+
+
+def _conv_transpose_args(m: nn.Module) -> tuple:
+    return (m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+
+
+_FUNCTIONAL_FORMS: dict[type, tuple[Callable, Callable[[nn.Module], tuple]]] = {
+    nn.Linear: (F.linear, lambda m: ()),
+    nn.Conv1d: (F.conv1d, _conv_args),
+    nn.Conv2d: (F.conv2d, _conv_args),
+    nn.Conv3d: (F.conv3d, _conv_args),
+    nn.ConvTranspose1d: (F.conv_transpose1d, _conv_transpose_args),
+    nn.ConvTranspose2d: (F.conv_transpose2d, _conv_transpose_args),
+    nn.ConvTranspose3d: (F.conv_transpose3d, _conv_transpose_args),
+}
+WEIGHT_LAYER_TYPES = tuple(_FUNCTIONAL_FORMS)
+_LAYER_FUNCTIONS = {fn for fn, _ in _FUNCTIONAL_FORMS.values()}
+
+
+def is_layer_node(node: fx.Node) -> bool:
+    """Whether ``node`` is a functionalized weight layer (``F.conv2d``/``F.linear``... call)."""
+    return node.op == "call_function" and node.target in _LAYER_FUNCTIONS and len(node.args) >= 2
+
+
+def layer_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
+    """``(module path, module)`` of the Conv/ConvTranspose/Linear that ``node`` runs, in either
+    form (a ``call_module`` node or a functionalized call whose weight edge starts at
+    ``get_attr <path>.weight``); None for any other node.
+
+    Example::
+
+        path, conv = layer_of(gm, node)   # ('layer1.0.conv1', Conv2d(...))
+    """
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return (node.target, m) if isinstance(m, WEIGHT_LAYER_TYPES) else None
+    if not is_layer_node(node):
+        return None
+    source = weight_source(node)
+    if source is None:
+        return None
+    path = source.target.rpartition(".")[0]
+    return path, gm.get_submodule(path)
+
+
+def weight_source(layer_node: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` node a functionalized layer's weight edge starts from, walking back
+    through the single-input transform modules inserted on it."""
+    current = layer_node.args[1]
+    while isinstance(current, fx.Node):
+        if current.op == "get_attr":
+            return current
+        if current.op != "call_module" or len(current.all_input_nodes) != 1:
+            return None
+        current = current.all_input_nodes[0]
+    return None
+
+
+def weight_transforms(gm: fx.GraphModule, layer_node: fx.Node) -> list[nn.Module]:
+    """The modules on a functionalized layer's weight edge, from the weight to the layer."""
+    chain = []
+    current = layer_node.args[1]
+    while isinstance(current, fx.Node) and current.op == "call_module":
+        chain.append(gm.get_submodule(current.target))
+        current = current.all_input_nodes[0]
+    return chain[::-1]
+
+
+def functionalize_layer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Rewrite a ``call_module`` Conv/ConvTranspose/Linear node into its functional form with the
+    weight and bias as ``get_attr`` edges; returns the new node (or ``node`` if already done).
+
+    Outputs are unchanged bit for bit. Convs with ``padding_mode != 'zeros'`` are refused.
+
+    Example::
+
+        fn_node = functionalize_layer(gm, conv_node)   # F.conv2d(x, conv1.weight, conv1.bias, ...)
+    """
+    if is_layer_node(node):
+        return node
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if type(m) not in _FUNCTIONAL_FORMS:
+        raise ValueError(f"node {node.name!r} is not a call to a Conv/ConvTranspose/Linear module")
+    if getattr(m, "padding_mode", "zeros") != "zeros":
+        raise ValueError(f"{node.target}: padding_mode={m.padding_mode!r} has no functional form")
+    if len(node.args) != 1 or node.kwargs:
+        raise ValueError(f"{node.target}: only single-input calls can be functionalized")
+    fn, extra = _FUNCTIONAL_FORMS[type(m)]
+    scope = node.meta.get("scope", node.target)
+    with gm.graph.inserting_before(node):
+        weight = gm.graph.get_attr(f"{node.target}.weight")
+        bias = gm.graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+        new = gm.graph.call_function(fn, (node.args[0], weight, bias, *extra(m)))
+    for created in (weight, bias, new):
+        if created is not None:
+            created.meta["scope"] = scope
+    new.meta.update({k: v for k, v in node.meta.items() if k != "scope"})
+    new.meta["layer"] = node.target
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def insert_on_weight(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module) -> fx.Node:
+    """Put ``module`` on the weight edge of layer ``node`` (either form), after the transforms
+    already there; returns the layer's functional node.
+
+    Example::
+
+        conv = insert_on_weight(gm, conv, "quantizers.conv1_weight", WeightQuantizer(...))
+    """
+    layer = functionalize_layer(gm, node)
+    weight = layer.args[1]
+    name = add_module(gm, name, module)
+    with gm.graph.inserting_before(layer):
+        new = gm.graph.call_module(name, (weight,))
+    layer.update_arg(1, new)
+    new.meta["scope"] = layer.meta.get("scope", "")
+    return layer
