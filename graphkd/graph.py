@@ -282,12 +282,10 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def target_name(target: Any) -> str:
-    """A readable name for a node target (a string, a function, a method name)."""
+    """A readable name for a node target: the attribute path, method or function name."""
     if isinstance(target, str):
         return target
-    module = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
-    return f"{module}.{name}" if module in ("torch", "operator") else name
+    return getattr(target, "__name__", None) or repr(target)
 
 
 # --- Weight edges ---------------------------------------------------------------------------
