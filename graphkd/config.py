@@ -316,7 +316,10 @@ def type_name(hint: Any) -> str:
     container = origin or hint
     args = [a for a in get_args(hint) if a is not Ellipsis]
     if container in (list, tuple, Sequence):
-        return f"a list of {type_name(args[0])}s" if args else "a list"
+        if not args:
+            return "a list"
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {plural.get(args[0]) or 'items, each ' + type_name(args[0])}"
     if container in (dict, Mapping):
         return "a mapping"
     return getattr(hint, "__name__", str(hint))
