@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -203,11 +203,14 @@ class Pipeline:
         num_calibration_samples: int = 256,
         leaf_modules: Iterable[type | str] = (),
         auto_leaf: bool = True,
+        dump_formats: Sequence[str] = ("dot", "json"),
     ):
         """Trace a copy of ``model``, run every pass on it, and return a ``Compressed``.
 
         ``model`` itself is never modified. After each pass the graph is linted, recompiled and run
-        on ``example_inputs``; a pass that breaks it raises :class:`PassError` naming it.
+        on ``example_inputs``; a pass that breaks it raises :class:`PassError` naming it. With
+        ``dump_dir`` the graph is dumped after tracing and after each pass (``00_traced``,
+        ``01_prune``...) in ``dump_formats`` (see :mod:`graphkd.viz`).
         """
         from .compressed import Compressed
         from .viz import dump_pipeline_stage
@@ -217,11 +220,11 @@ class Pipeline:
                    auto_leaf=auto_leaf)
         ctx = PassContext(example_inputs=inputs, original=model)
         if dump_dir is not None:
-            dump_pipeline_stage(gm, dump_dir, 0, "traced")
+            dump_pipeline_stage(gm, dump_dir, 0, "traced", dump_formats)
         for i, p in enumerate(self.passes):
             self._run_pass(i, p, gm, ctx)
             if dump_dir is not None:
-                dump_pipeline_stage(gm, dump_dir, i + 1, p.name)
+                dump_pipeline_stage(gm, dump_dir, i + 1, p.name, dump_formats)
         compressed = Compressed(gm, ctx)
         if calibration_data is not None:
             compressed.init_ranges(calibration_data, num_calibration_samples)
