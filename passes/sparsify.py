@@ -1,7 +1,8 @@
 """Unstructured magnitude sparsity: binary masks on the weights of Conv/ConvTranspose/Linear layers.
 
-Each selected layer gets a :class:`WeightMask` on its weight edge (``graphkd.graph.insert_on_weight``),
-so it composes with quantizers and pruning masks in pipeline order. The masks zero the weights of
+Each selected layer gets a :class:`WeightMask` on its weight edge
+(``graphkd.graph.insert_on_weight``), so it composes with quantizers and pruning masks in pipeline
+order. The masks zero the weights of
 smallest importance until the schedule's current level is reached, and are recomputed from the
 current weights whenever that level changes. ``export()`` multiplies the masks into the weights.
 
@@ -83,12 +84,13 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], level: float, mode: str
     ``local``: each layer loses ``level`` of its own weights. ``global``: one threshold over the
     scores of all layers, so ``level`` holds for the total and layers differ.
     """
+    if not weights:
+        return {}
     scores = {name: weight_importance(w, importance) for name, w in weights.items()}
     if mode == "local":
         masks = {name: _zero_smallest(s, level) for name, s in scores.items()}
     else:
-        flat = torch.cat([s.reshape(-1).to(torch.float32) for s in scores.values()]) if scores \
-            else torch.zeros(0)
+        flat = torch.cat([s.reshape(-1).to(torch.float32) for s in scores.values()])
         pieces = _zero_smallest(flat, level).split([s.numel() for s in scores.values()])
         masks = {name: piece.view_as(s) for (name, s), piece in zip(scores.items(), pieces)}
     return {name: masks[name].to(weights[name].dtype) for name in weights}

@@ -168,7 +168,7 @@ def test_multistep_must_end_at_the_target() -> None:
 
 
 def test_valid_specs_pass() -> None:
-    for spec in (None, {}, {"type": "constant", "per": "step"},
-                 {"type": "exponential", "steps": 5}, {"type": "polynomial", "steps": 2, "power": 1},
+    for spec in (None, {}, {"type": "constant", "per": "step"}, {"type": "exponential", "steps": 5},
+                 {"type": "polynomial", "steps": 2, "power": 1},
                  {"type": "multistep", "steps": [1, 4], "levels": [0.2, 0.3]}):
         validate_schedule(spec)

@@ -100,7 +100,8 @@ def test_masks_zero_exact_counts_of_the_least_important(
     g = torch.Generator().manual_seed(seed)
     weights = {f"w{i}": torch.randn(n, generator=g) * (i + 1) for i, n in enumerate(sizes)}
     masks = magnitude_masks(weights, level, mode, importance)
-    scores = {k: w.abs() / (w.norm() if importance == "normed_abs" else 1) for k, w in weights.items()}
+    norm = importance == "normed_abs"
+    scores = {k: w.abs() / (w.norm() if norm else 1) for k, w in weights.items()}
     assert all(set(m.unique().tolist()) <= {0.0, 1.0} for m in masks.values())
     groups = [[k] for k in weights] if mode == "local" else [list(weights)]
     for group in groups:
