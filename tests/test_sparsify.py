@@ -15,6 +15,7 @@ import graphkd as gk
 from graphkd.errors import ConfigError
 from graphkd.graph import flat_name, insert_on_weight, layer_of, weight_transforms
 from graphkd.passes.sparsify import Sparsify, WeightMask, magnitude_masks, nncf_scope
+from graphkd.zoo import resnet_tiny
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 CONV_WEIGHTS, FC_WEIGHTS = 8 * 3 * 3 * 3, 8 * 6 * 6 * 10
@@ -356,3 +357,58 @@ def test_nncf_errors(params: dict, message: str) -> None:
 def test_nncf_scope_names() -> None:
     assert nncf_scope("ResNet/Sequential[layer1]/BasicBlock[0]/Conv2d[conv1]") == "layer1.0.conv1"
     assert nncf_scope("{re}.*classifier.*") == "re:.*classifier.*"
+
+
+# --- other layer kinds and models -------------------------------------------------------------
+
+class SharedAndTransposed(nn.Module):
+    """A Linear called twice (one weight, two layer nodes) and a ConvTranspose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 2, stride=2)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.fc(self.up(x)))
+
+
+def test_shared_layer_and_conv_transpose() -> None:
+    x = torch.randn(1, 2, 2, 2)
+    c = gk.compress(SharedAndTransposed(), [Sparsify(level=0.5, mode="local")], x)
+    shared = [c.model.get_submodule(n).mask for n in ("sparsity_masks.fc", "sparsity_masks.fc_1")]
+    assert torch.equal(shared[0], shared[1]) and zeros(shared[0]) == 8
+    assert mask(c, "up").shape == (2, 3, 2, 2) and zeros(mask(c, "up")) == 12
+    stats = c.statistics()["sparsify"]
+    assert stats["layers_touched"] == 2 and stats["achieved"] == pytest.approx(20 / 40)
+    c.model.eval()
+    exported = c.export()
+    assert zeros(exported.get_submodule("fc").weight) == 8
+    torch.testing.assert_close(exported(x), c.model(x), atol=1e-6, rtol=0)
+
+
+def test_resnet_export_matches_the_student() -> None:
+    x = torch.randn(2, 3, 16, 16)
+    c = gk.compress(resnet_tiny(), [Sparsify(level=0.7, ignored_scopes=["conv1"])], x)
+    stats = c.statistics()["sparsify"]
+    assert "conv1" in stats["skipped_scopes"] and "conv1" not in stats["layers"]
+    assert stats["achieved"] == pytest.approx(0.7, abs=1e-4)
+    c.model.eval()
+    expected = c.model(x)
+    exported = c.export()
+    torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
+    total = sum(exported.get_submodule(p).weight.numel() for p in stats["layers"])
+    zero = sum(zeros(exported.get_submodule(p).weight) for p in stats["layers"])
+    assert abs(zero - 0.7 * total) <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masks_follow_the_model_to_the_device() -> None:
+    c = sparsify(level=0.5, schedule={"type": "polynomial", "steps": 2})
+    c.model.to("cuda")
+    c.epoch_step()
+    assert mask(c, "conv").device.type == "cuda"
+    level = 0.5 - 0.5 * 0.5 ** 3  # polynomial, power 3, after 1 of 2 steps
+    assert c.statistics()["sparsify"]["achieved"] == pytest.approx(level, abs=1e-3)
+    out = c.model(X.to("cuda"))
+    torch.testing.assert_close(out.cpu(), c.export()(X.to("cuda")).cpu(), atol=1e-5, rtol=0)
