@@ -1,25 +1,83 @@
-"""The ``graphkd`` command line."""
+"""The ``graphkd`` command line: run the main job, validate configs, list passes, draw graphs.
+
+Exit codes: 0 ok, 1 failure, 2 bad config or arguments, 130 interrupted (Ctrl-C). Errors are one
+line on stderr; ``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
-from .config import pass_options, type_name, MISSING
+from .config import MISSING, build_passes, load_document, pass_options, type_name
 from .errors import ConfigError, GraphKDError
-from .pipeline import Pipeline, available_passes
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+RUN_SECTIONS = ("model", "input_shape", "data")
+SHOW_FORMATS = {".svg": "svg", ".png": "png", ".dot": "dot", ".gv": "dot", ".json": "json",
+                ".md": "mermaid", ".mmd": "mermaid"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .progress import progress_for
+    from .report import markdown_table, rich_table, summary_lines
+    from .run import run
+
+    _log_to_stderr()
+    result = run(args.config, out_dir=args.out, epochs=args.epochs, seed=args.seed,
+                 progress=progress_for(sys.stderr))
+    models = result.metrics["models"]
+    if models:
+        if sys.stdout.isatty():
+            from rich.console import Console
+            Console().print(rich_table(models, title=f"graphkd run {args.config}"))
+        else:
+            print(markdown_table(models))
+    for line in summary_lines(models):
+        print(line)
+    print(f"outputs in {result.out_dir}/ (metrics.json, model.pt, curves.png, graphs)")
+    if result.interrupted:
+        print("interrupted: finished parts were saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    pipeline = Pipeline.from_yaml(args.config)
-    print(f"{args.config}: ok ({len(pipeline.passes)} passes: "
-          f"{', '.join(p.name for p in pipeline.passes)})")
+    from .run import JobSpec
+
+    document = load_document(args.config)
+    passes, doc = build_passes(document)
+    what = f"{len(passes)} passes: {', '.join(p.name for p in passes) or 'none'}"
+    if any(key in doc for key in RUN_SECTIONS):
+        try:
+            JobSpec.from_document(doc)
+        except ConfigError as exc:
+            from .config import line_of
+            raise ConfigError(exc.problem, exc.path, exc.line or line_of(document, exc.path)) from None
+        what += "; ready for `graphkd run`"
+    print(f"{args.config}: ok ({what})")
     return EXIT_OK
 
 
 def _passes(args: argparse.Namespace) -> int:
+    from .pipeline import available_passes
+
     for name, cls in available_passes().items():
         doc = (cls.__doc__ or "").strip().splitlines()
         print(f"{name}: {doc[0] if doc else ''}")
@@ -29,33 +87,116 @@ def _passes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _show(args: argparse.Namespace) -> int:
+    import torch
+
+    from .loading import build_model
+    from .trace import trace
+    from .viz import dump
+
+    fmt = SHOW_FORMATS.get(Path(args.output).suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"cannot tell the format of {args.output!r}: use a file ending in "
+                          f"{', '.join(SHOW_FORMATS)}", "--output")
+    shape = _parse_shape(args.input_shape)
+    model, _ = build_model(args.model, "model")
+    gm = trace(model.eval(), torch.randn(shape))
+    stem = Path(args.output).with_suffix("")
+    written = dump(gm, stem, [fmt])
+    if written[0] != Path(args.output):
+        written[0].replace(args.output)
+    print(f"{args.output}: {len(gm.graph.nodes)} nodes")
+    return EXIT_OK
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ConfigError(f"must be comma-separated positive integers like 1,3,32,32, got {text!r}",
+                          "--input-shape")
+    return shape
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphkd", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    validate = sub.add_parser("validate", help="check a pipeline config without running it")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback on errors")
+    parser = _Parser(prog="graphkd", description=__doc__, parents=[common],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", parents=[common], help="compress, fine-tune with KD, export, report",
+                         description="Run the main job of CONFIG: teacher, compression, fine-tuning "
+                                     "with distillation, export, metrics, curves and graph dumps.")
+    run.add_argument("config", help="YAML config, e.g. configs/digits_prune_quant_kd.yaml")
+    run.add_argument("--out", help="output folder (default runs/<config name>/)")
+    run.add_argument("--epochs", type=_positive, help="fine-tuning epochs (overrides train.epochs)")
+    run.add_argument("--seed", type=int, help="random seed (overrides seed)")
+    run.set_defaults(func=_run)
+
+    validate = sub.add_parser("validate", parents=[common], help="check a config without running it",
+                              description="Check CONFIG's schema, pass names and options.")
     validate.add_argument("config")
     validate.set_defaults(func=_validate)
-    passes = sub.add_parser("passes", help="list the available passes and their options")
+
+    passes = sub.add_parser("passes", parents=[common], help="list passes with options and defaults",
+                            description="List every available pass with its options.")
     passes.set_defaults(func=_passes)
+
+    show = sub.add_parser("show", parents=[common], help="trace a model and draw its graph",
+                          description="Trace MODEL ('module:callable') on a random input and dump "
+                                      "its graph; the format follows the output file's suffix.")
+    show.add_argument("model", help="'module:callable' returning an nn.Module")
+    show.add_argument("--input-shape", required=True, help="input shape, e.g. 1,3,32,32")
+    show.add_argument("-o", "--output", default="graph.svg",
+                      help="output file: .svg .png .dot .json or .md (Mermaid); default graph.svg")
+    show.set_defaults(func=_show)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        if args.debug:
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"graphkd: config error: {exc}", file=sys.stderr)
+        print("graphkd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConfigError as exc:
+        if debug:
+            raise
+        _error("config error", exc)
         return EXIT_USAGE
     except GraphKDError as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"graphkd: error: {exc}", file=sys.stderr)
+        _error("error", exc)
         return EXIT_FAILURE
+    except Exception as exc:
+        if debug:
+            raise
+        _error(f"unexpected {type(exc).__name__} (rerun with --debug for the traceback)", exc)
+        return EXIT_FAILURE
+
+
+def _error(kind: str, exc: BaseException) -> None:
+    message = " ".join(str(exc).split())
+    print(f"graphkd: {kind}: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import typing
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypedDict, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -25,15 +25,65 @@ if typing.TYPE_CHECKING:
 
 MISSING = inspect.Parameter.empty
 
+
+class _ModelRequired(TypedDict):
+    callable: str
+
+
+class ModelSection(_ModelRequired, total=False):
+    """``model:`` as a mapping: the architecture, its arguments, and trained weights (a state dict
+    file); a plain ``"module:callable"`` string means an untrained architecture."""
+
+    kwargs: dict[str, Any]
+    weights: str
+
+
+class _DataRequired(TypedDict):
+    name: str
+
+
+class DataSection(_DataRequired, total=False):
+    """``data:`` as a mapping (a plain string is the ``name``)."""
+
+    num_samples: int
+    num_classes: int
+    test_fraction: float
+    kwargs: dict[str, Any]
+
+
+class TrainSection(TypedDict, total=False):
+    """``train:``; the keys of :class:`graphkd.train.TrainSpec`."""
+
+    epochs: int
+    batch_size: int
+    optimizer: Literal["sgd", "adam", "adamw"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: Literal["constant", "cosine"]
+    teacher_epochs: int
+    teacher_lr: float
+    calibration_samples: int
+
+
+class DumpSection(TypedDict, total=False):
+    """``dump:`` graph dumps of ``graphkd run`` (``dir`` is relative to the run's output)."""
+
+    dir: str
+    formats: list[Literal["dot", "svg", "png", "json", "mermaid"]]
+    stages: bool
+    diff: bool
+
+
 # Sections besides `pipeline` that `graphkd run` reads; each maps to the type it must have.
 DOCUMENT_SECTIONS: dict[str, Any] = {
     "pipeline": list,
-    "model": str,
+    "model": Union[str, ModelSection],
     "input_shape": list[int],
-    "data": Union[str, dict],
-    "train": dict,
-    "dump": dict,
-    "compare": Union[str, None],
+    "data": Union[str, DataSection],
+    "train": TrainSection,
+    "dump": DumpSection,
+    "compare": Union[Literal["no_distill"], None],
     "seed": int,
 }
 
