@@ -178,7 +178,7 @@ class LevelSchedule:
         return self.level_at(self.position)
 
     def on_change(self, fn: Callable[[float], None]) -> None:
-        """Call ``fn(new_level)`` whenever a step or a state load changes the level."""
+        """Call ``fn(new_level)`` whenever a step changes the level (not on a state load)."""
         self._listeners.append(fn)
 
     def step(self) -> None:
@@ -192,14 +192,11 @@ class LevelSchedule:
             self._advance()
 
     def _advance(self) -> None:
-        self._move_to(self.position + 1)
-
-    def _move_to(self, position: int) -> None:
         before = self.level
-        self.position = position
+        self.position += 1
         after = self.level
         if after != before:
-            log.debug("schedule level %.6g -> %.6g at step %d", before, after, position)
+            log.debug("schedule level %.6g -> %.6g at step %d", before, after, self.position)
             for fn in self._listeners:
                 fn(after)
 
@@ -213,8 +210,13 @@ class LevelSchedule:
         return {"position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position; listeners run if the level differs from the current one."""
-        self._move_to(int(state["position"]))
+        """Restore the position without running listeners.
+
+        What the listeners derive from the level (masks) is checkpointed with the model, and
+        recomputing it from the loaded weights could differ from what training was using, so a
+        resumed run would not continue the saved one exactly.
+        """
+        self.position = int(state["position"])
 
     def __repr__(self) -> str:
         return (f"LevelSchedule(type={self.type!r}, init={self.init}, target={self.target}, "

@@ -7,7 +7,9 @@ smallest importance until the schedule's current level is reached, and are recom
 current weights whenever that level changes. ``export()`` multiplies the masks into the weights.
 
 Importance is computed on the layer's stored weight (the parameter), not on what earlier weight
-transforms make of it, like NNCF's magnitude sparsity.
+transforms make of it, like NNCF's magnitude sparsity. Put ``sparsify`` before ``quantize`` in a
+pipeline: a mask that follows a quantizer on the weight edge cannot be folded into the stored
+weight exactly, so export keeps it as a node (with a warning).
 """
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def test_listeners_run_only_when_the_level_changes() -> None:
     assert calls == [(2, 0.3), (4, 0.5)]
 
 
-def test_state_dict_round_trip_restores_level_and_notifies() -> None:
+def test_state_dict_round_trip_restores_level_silently() -> None:
     spec = {"type": "polynomial", "steps": 4, "power": 1}
     a = LevelSchedule(0.8, spec=spec)
     levels_per_epoch(a, 3)
@@ -94,7 +94,9 @@ def test_state_dict_round_trip_restores_level_and_notifies() -> None:
     b.on_change(seen.append)
     b.load_state_dict(a.state_dict())
     assert b.position == 3 and b.level == pytest.approx(0.6) == a.level
-    assert seen == [pytest.approx(0.6)]
+    assert seen == []  # masks come back with the model's state_dict, not by recomputation
+    b.epoch_step()
+    assert seen == [0.8]
 
 
 def test_register_wires_hooks_and_state_into_the_context() -> None:
