@@ -152,20 +152,24 @@ class SparsityController:
         earlier passes have run by then); elsewhere the mask node is kept, with a warning.
         """
         names = {name for names in self.layers.values() for name in names}
+        kept = []
         for node in list(exported.graph.nodes):
             if node.op != "call_module" or node.target not in names:
                 continue
             source = node.all_input_nodes[0]
             if source.op != "get_attr":
-                warnings.warn(f"sparsity mask {node.target!r} follows another weight transform "
-                              f"({source.name}); it is kept in the exported model instead of "
-                              f"folded into the weight", stacklevel=2)
+                kept.append(f"{node.target} (after {source.name})")
                 continue
             weight = exported.get_parameter(source.target)
             with torch.no_grad():
                 weight.mul_(exported.get_submodule(node.target).mask)
             node.replace_all_uses_with(source)
             exported.graph.erase_node(node)
+        if kept:
+            warnings.warn(f"{len(kept)} sparsity mask(s) follow another weight transform and stay "
+                          f"in the exported model instead of being folded into the weights: "
+                          f"{', '.join(kept)}. Put sparsify before that pass in the pipeline to "
+                          f"fold them.", stacklevel=2)
 
 
 class Sparsify(Pass):

@@ -253,7 +253,7 @@ def test_mask_after_another_weight_transform() -> None:
     assert c.statistics()["sparsify"]["layers_touched"] == 2
     c.model.eval()
     torch.testing.assert_close(c.model(X), reference_forward(c, X))
-    with pytest.warns(UserWarning, match="follows another weight transform"):
+    with pytest.warns(UserWarning, match=r"2 sparsity mask\(s\) follow another weight transform"):
         exported = c.export()
     torch.testing.assert_close(exported(X), c.model(X), atol=1e-6, rtol=0)
 
@@ -417,3 +417,25 @@ def test_masks_follow_the_model_to_the_device() -> None:
     assert c.statistics()["sparsify"]["achieved"] == pytest.approx(level, abs=1e-3)
     out = c.model(X.to("cuda"))
     torch.testing.assert_close(out.cpu(), c.export()(X.to("cuda")).cpu(), atol=1e-5, rtol=0)
+
+
+def test_sparsify_quantize_distill_pipeline_trains_and_exports() -> None:
+    c = gk.compress(Net(), {"pipeline": [
+        {"pass": "sparsify", "level": 0.5, "schedule": {"type": "polynomial", "steps": 2}},
+        {"pass": "quantize"}, {"pass": "distill", "type": "mse"}]}, X)
+    opt = torch.optim.SGD(c.model.parameters(), lr=0.01)
+    for _ in range(2):
+        c.model.train()
+        loss = c.model(X).square().mean() + c.loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        c.step()
+        c.epoch_step()
+    assert c.statistics()["sparsify"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    c.model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exported = c.export()
+    torch.testing.assert_close(exported(X), c.model(X), atol=1e-6, rtol=0)
+    assert torch.equal(exported.get_submodule("conv").weight == 0, mask(c, "conv") == 0)
