@@ -65,6 +65,33 @@ class ScopeTracer(fx.Tracer):
         node.meta["scope"] = self.current_scope
         return node
 
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """Trace like ``fx.Tracer`` but keep ``torch.no_grad()`` / ``enable_grad()`` blocks.
+
+        Plain symbolic tracing drops grad-mode changes, so an output the model computes under
+        ``no_grad`` would require grad in the traced copy. Each switch becomes a
+        ``torch._C._set_grad_enabled`` node (side-effectful: dead-code elimination keeps it), and
+        the switch that closes a block restores the mode the caller had when the block opened
+        (read at run time), so calling the graph under ``no_grad`` leaves grad off.
+        """
+        set_grad_enabled = torch._C._set_grad_enabled
+        opened: list[tuple[bool, fx.Node]] = []  # (trace-time mode before the switch, its reading)
+
+        def recording(mode: bool) -> None:
+            if opened and opened[-1][0] == mode:
+                self.create_node("call_function", set_grad_enabled, (opened.pop()[1],), {})
+            else:
+                before = self.create_node("call_function", torch.is_grad_enabled, (), {})
+                opened.append((torch.is_grad_enabled(), before))
+                self.create_node("call_function", set_grad_enabled, (mode,), {})
+            set_grad_enabled(mode)
+
+        torch._C._set_grad_enabled = recording
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch._C._set_grad_enabled = set_grad_enabled
+
 
 def trace(
     model: nn.Module,
