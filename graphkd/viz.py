@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
-import torch
 from torch import fx, nn
 
 from .errors import ConfigError, GraphKDError
@@ -26,6 +25,7 @@ from .graph import WEIGHT_LAYER_TYPES, layer_of, to_networkx
 FORMATS = ("dot", "svg", "png", "json", "mermaid")
 SUFFIXES = {"dot": ".dot", "svg": ".svg", "png": ".png", "json": ".json", "mermaid": ".md"}
 RENDER_TIMEOUT_S = 300
+MAX_DETAIL = 90
 
 # Fill colours by diff status; "same" nodes are coloured by op so inputs/outputs stand out.
 _STATUS_STYLE = {
@@ -41,7 +41,8 @@ _OP_FILL = {"placeholder": "#bbdefb", "output": "#bbdefb", "get_attr": "#f5f5f5"
 def describe_module(module: nn.Module) -> str:
     """What a module does to its tensor, for node labels (``""`` when there is nothing to say).
 
-    A module's own ``describe()`` wins; otherwise layer channel counts, ``bits``, mask sparsity.
+    A module's own ``describe()`` wins; then a layer's channel counts; then, for modules that are
+    not part of PyTorch (those passes insert), their ``extra_repr()``.
     """
     describe = getattr(module, "describe", None)
     if callable(describe):
@@ -50,14 +51,10 @@ def describe_module(module: nn.Module) -> str:
         return f"{module.in_features}→{module.out_features} features"
     if isinstance(module, WEIGHT_LAYER_TYPES):
         return f"{module.in_channels}→{module.out_channels} ch"
-    facts = []
-    bits = getattr(module, "bits", None)
-    if isinstance(bits, int) and not isinstance(bits, bool):
-        facts.append(f"{bits}-bit")
-    mask = getattr(module, "mask", None)
-    if isinstance(mask, torch.Tensor) and mask.numel():
-        facts.append(f"sparsity {(mask == 0).float().mean().item():.0%}")
-    return ", ".join(facts)
+    if not type(module).__module__.startswith("torch."):
+        text = module.extra_repr()
+        return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL - 1] + "…"
+    return ""
 
 
 def graph_view(gm: fx.GraphModule) -> nx.DiGraph:
