@@ -37,8 +37,9 @@ def torch_pruning_pruned(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.
     except ImportError:
         return None
     model = copy.deepcopy(model)
-    pruner = tp.pruner.MagnitudePruner(model, x[:1], importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=ratio, ignored_layers=[model.fc])
+    importance = tp.importance.MagnitudeImportance(p=2)
+    pruner = tp.pruner.MagnitudePruner(model, x[:1], importance=importance, pruning_ratio=ratio,
+                                       ignored_layers=[model.fc])
     pruner.step()
     return model.eval()
 

@@ -219,6 +219,7 @@ _SPATIAL_FUNCTIONS = {
     F.interpolate,
 }
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"}
+_PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _METADATA_METHODS = {"size", "dim"}
 _CATS = {torch.cat, torch.concat}
 _FLATTENS = {torch.flatten, "flatten"}
@@ -275,7 +276,7 @@ class _ChannelWalk:
     def module(self, node: fx.Node, m: nn.Module) -> None:
         if isinstance(m, nn.Flatten):
             self.flatten(node, m.start_dim, m.end_dim)
-        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        elif isinstance(m, _PER_CHANNEL_NORMS):
             self.norm(node, channel_dim=1)
         elif isinstance(m, nn.GroupNorm):
             self.group_norm(node, m)
@@ -291,7 +292,8 @@ class _ChannelWalk:
         elif isinstance(m, _SPATIAL_MODULES):
             self.spatial(node)
         else:
-            self.block_inputs(node, f"module {node.target!r} ({type(m).__name__}) is not understood")
+            self.block_inputs(node, f"module {node.target!r} ({type(m).__name__}) is not "
+                                    f"understood")
 
     # -- helpers ----------------------------------------------------------------------------
     def why(self, node: fx.Node, reason: str) -> str:
@@ -447,7 +449,8 @@ class _ChannelWalk:
         maps = [self.maps.get(t) for t in tensors]
         if any(cmap is not None and cmap.dim != dim for cmap in maps):
             if any(cmap is None for cmap in maps):
-                self.block_inputs(node, "concatenates prunable and fixed tensors along a non-channel dim")
+                self.block_inputs(node, "concatenates prunable and fixed tensors along a "
+                                        "non-channel dim")
                 return
             cmap = self.unify(node, maps)
             if cmap is not None:
@@ -519,10 +522,14 @@ def channel_groups(gm: fx.GraphModule) -> ChannelGroups:
     return _ChannelWalk(gm).run()
 
 
-def member_sites(groups: Iterable[ChannelGroup]) -> dict[tuple[str, Role, int], list[tuple[ChannelGroup, Member]]]:
+SiteKey = tuple[str, Role, int]
+
+
+def member_sites(
+        groups: Iterable[ChannelGroup]) -> dict[SiteKey, list[tuple[ChannelGroup, Member]]]:
     """Members of ``groups`` by ``(module, role, dim)``: one site is one tensor dimension to
     mask and slice, possibly shared by several groups (a conv reading a concatenation)."""
-    sites: dict[tuple[str, Role, int], list[tuple[ChannelGroup, Member]]] = {}
+    sites: dict[SiteKey, list[tuple[ChannelGroup, Member]]] = {}
     for group in groups:
         for member in group.members:
             sites.setdefault((member.module, member.role, member.dim), []).append((group, member))

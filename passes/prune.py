@@ -11,7 +11,6 @@ channels physically, so the exported model is smaller and faster, unlike NNCF's 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -23,7 +22,8 @@ from graphkd.flops import count_flops, count_params, node_macs
 from graphkd.graph import (ScopeFilter, flat_name, insert_module_after, insert_module_before,
                            insert_on_weight, layer_of, scopes_of, weight_transforms)
 from graphkd.passes.channel_surgery import kept_numel, slice_module
-from graphkd.passes.channels import ChannelGroup, ChannelGroups, Role, channel_groups, member_sites
+from graphkd.passes.channels import (ChannelGroup, ChannelGroups, Role, SiteKey, channel_groups,
+                                     member_sites)
 from graphkd.passes.filter_masks import (CRITERIA, ChannelMask, filter_importance, keep_count,
                                          select_channels)
 from graphkd.passes.sparsify import nncf_scope
@@ -33,7 +33,6 @@ from graphkd.schedule import LevelSchedule, ScheduleSpec, validate_schedule
 log = logging.getLogger(__name__)
 
 DEFAULT_RATIO = 0.5
-SiteKey = tuple[str, Role, int]
 
 
 class PruningController:
@@ -73,7 +72,8 @@ class PruningController:
             module = gm.get_submodule(path)
             base = f"prune_masks.{flat_name(path)}_{role.value}"
             if role is Role.NORM:
-                for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]:
+                calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]
+                for node in calls:
                     mask = insert_module_after(gm, node, base, ChannelMask(dim, self.sizes[key]))
                     self.masks.setdefault(key, []).append(mask.target)
                 continue
@@ -222,12 +222,15 @@ class PruningController:
             mask = exported.get_submodule(names[0]).mask
             keeps.setdefault(key[0], {})[key[1:]] = mask.nonzero().flatten().cpu()
         mine = {n for names in (*self.masks.values(), *self.bias_masks.values()) for n in names}
+        ours = {id(exported.get_submodule(n)) for n in mine}
         for node in list(exported.graph.nodes):
             info = layer_of(exported, node)
             if info is None or info[0] not in keeps:
                 continue
             for transform in weight_transforms(exported, node):
-                if hasattr(transform, "select_weight_channels") and not isinstance(transform, ChannelMask):
+                if id(transform) in ours:
+                    continue  # removed below
+                if hasattr(transform, "select_weight_channels"):
                     for (role, dim), keep in keeps[info[0]].items():
                         if role is not Role.NORM:
                             transform.select_weight_channels(dim, keep)
