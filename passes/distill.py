@@ -7,8 +7,9 @@ take part is decided once, at pass time, by running both models on the example i
 
 Example::
 
-    c = gk.compress(model, {"pipeline": [{"pass": "prune", "ratio": 0.5},
-                                         {"pass": "distill", "type": "softmax", "temperature": 4}]}, x)
+    doc = {"pipeline": [{"pass": "prune", "ratio": 0.5},
+                        {"pass": "distill", "type": "softmax", "temperature": 4}]}
+    c = gk.compress(model, doc, x)
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ class Distill(Pass):
         names = [path_name(path) for path, _ in leaves]
         selected = self._selected(names)
         plan = OutputPlan()
-        for (path, leaf), name in zip(leaves, names):
+        for (path, leaf), name in zip(leaves, names, strict=True):
             reason = exclusion_reason(leaf) if name in selected else NOT_SELECTED
             if reason is None:
                 plan.distilled.append(path)
@@ -138,7 +139,8 @@ class Distill(Pass):
                 f"excluded: {listing}. Only floating-point tensors that require grad take part: "
                 f"return the predictions (logits) from forward, computed with autograd on and "
                 f"with trainable parameters.")
-        teacher_leaves = {path_name(p): leaf for p, leaf in tree_flatten_with_path(teacher_outputs)[0]}
+        teacher_leaves = {path_name(p): leaf
+                          for p, leaf in tree_flatten_with_path(teacher_outputs)[0]}
         for path in plan.distilled:
             self._check_pair(path_name(path), _at(leaves, path), teacher_leaves)
         return plan
@@ -155,14 +157,15 @@ class Distill(Pass):
             chosen |= matched
         return chosen
 
-    def _check_pair(self, name: str, student: torch.Tensor, teacher_leaves: dict[str, Any]) -> None:
+    def _check_pair(self, name: str, student: torch.Tensor,
+                    teacher_leaves: dict[str, Any]) -> None:
         teacher = teacher_leaves.get(name)
         if not isinstance(teacher, torch.Tensor):
             found = "missing" if name not in teacher_leaves else f"a {type(teacher).__name__}"
             raise DistillError(
                 f"distill: output {name!r} is a tensor in the student but {found} in the teacher "
-                f"(teacher output paths: {', '.join(teacher_leaves) or 'none'}); a pass changed the "
-                f"output structure. Passes must keep the model's outputs.")
+                f"(teacher output paths: {', '.join(teacher_leaves) or 'none'}); a pass changed "
+                f"the output structure. Passes must keep the model's outputs.")
         if student.shape != teacher.shape:
             raise DistillError(
                 f"distill: output {name!r} has shape {tuple(student.shape)} in the student but "

@@ -133,7 +133,8 @@ class DistillLoss(nn.Module):
 
     def extra_repr(self) -> str:
         names = ", ".join(path_name(p) for p in self.paths)
-        extra = f", temperature={self.temperature}, dim={self.dim}" if self.loss_type == "softmax" else ""
+        extra = (f", temperature={self.temperature}, dim={self.dim}"
+                 if self.loss_type == "softmax" else "")
         return f"type={self.loss_type}, weight={self.weight}{extra}, outputs=[{names}]"
 
 

@@ -7,15 +7,16 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from graphkd.passes.distill import Distill
+from graphkd.passes.distill_loss import DistillLoss, TeacherCall, softmax_term
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._pytree import MappingKey
 
 import graphkd as gk
 from graphkd.errors import ConfigError, DistillError
 from graphkd.graph import find_nodes, insert_on_weight, is_layer_node, layer_of, replace_module
-from graphkd.passes.distill import Distill
-from graphkd.passes.distill_loss import DistillLoss, TeacherCall, softmax_term
 
 MSE = {"pipeline": [{"pass": "distill", "type": "mse"}]}
 
@@ -120,11 +121,26 @@ class ShrinkHead(gk.Pass):
         replace_module(gm, "fc", nn.Linear(4, 3))
 
 
+class ExtraOutput(gk.Pass):
+    """Returns (output, output * 2) where the model returned one tensor (a broken pass)."""
+
+    name = "test_extra_output"
+
+    def apply(self, gm, ctx):
+        (output,) = find_nodes(gm, op="output")
+        result = output.args[0]
+        with gm.graph.inserting_before(output):
+            doubled = gm.graph.call_function(torch.mul, (result, 2))
+        output.args = ((result, doubled),)
+
+
 gk.register_pass(HalveAllWeights)
 gk.register_pass(ShrinkHead)
+gk.register_pass(ExtraOutput)
 
 
-def reference_softmax_kd(s: torch.Tensor, t: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
+def reference_softmax_kd(s: torch.Tensor, t: torch.Tensor, temperature: float,
+                         dim: int) -> torch.Tensor:
     """Soft-target cross-entropy written with explicit exp/log in float64, positions as rows."""
     classes = s.shape[dim]
     s = s.double().movedim(dim, -1).reshape(-1, classes) / temperature
@@ -172,7 +188,8 @@ def test_ten_sgd_steps_match_hand_written_distillation():
         opt.zero_grad(), ref_opt.zero_grad()
     assert losses[0] > 1e-2  # BN in train vs eval mode makes the two models differ at the start
     assert losses[-1] < losses[0]
-    for (name, p), q in zip(c.teacher.state_dict().items(), model.state_dict().values()):
+    teacher_state, original_state = c.teacher.state_dict().items(), model.state_dict().values()
+    for (name, p), q in zip(teacher_state, original_state, strict=True):
         assert torch.equal(p, q), name
     assert all(not p.requires_grad for p in c.teacher.parameters())
 
@@ -267,7 +284,8 @@ def test_no_eligible_output_lists_every_path_and_reason():
     message = str(err.value)
     assert "no output of the model can be distilled" in message
     assert ("'0': requires_grad=False (computed under no_grad or detached); "
-            "'1': integer dtype torch.int64, not floating point; '2': not a tensor (int)") in message
+            "'1': integer dtype torch.int64, not floating point; "
+            "'2': not a tensor (int)") in message
 
 
 def test_frozen_model_has_nothing_to_distill():
@@ -281,6 +299,21 @@ def test_shape_mismatch_names_path_and_shapes():
     with pytest.raises(DistillError) as err:
         gk.compress(WithIndices(), doc, torch.randn(2, 4))
     assert "output '0' has shape (2, 3) in the student but (2, 5) in the teacher" in str(err.value)
+
+
+def test_output_missing_in_the_teacher_names_the_teacher_paths():
+    doc = {"pipeline": [{"pass": "test_extra_output"}, {"pass": "distill", "type": "mse"}]}
+    with pytest.raises(DistillError, match=r"output '0' is a tensor in the student but missing in "
+                                           r"the teacher \(teacher output paths: <output>\)"):
+        gk.compress(nn.Linear(4, 3), doc, torch.randn(2, 4))
+
+
+def test_output_structure_changing_at_run_time_is_an_error():
+    loss = DistillLoss("mse", [(MappingKey("logits"),)])
+    s = {"logits": torch.randn(2, 3, requires_grad=True)}
+    with pytest.raises(DistillError, match=r"the teacher output has no path 'logits' in this "
+                                           r"forward \(KeyError"):
+        loss(s, {"scores": torch.randn(2, 3)})
 
 
 def test_softmax_needs_the_class_dimension():
@@ -326,7 +359,7 @@ def test_loss_matches_independent_reference(options, shape, dim):
 @given(n=st.integers(1, 4), classes=st.integers(2, 6), spatial=st.integers(1, 3),
        temperature=st.floats(0.5, 8.0), seed=st.integers(0, 2 ** 16))
 def test_softmax_gradient_is_scaled_probability_difference(n, classes, spatial, temperature, seed):
-    """d/ds of the T^2-scaled soft cross-entropy is T * (softmax(s/T) - softmax(t/T)) / positions."""
+    """d/ds of the T^2-scaled soft cross-entropy is T (softmax(s/T) - softmax(t/T)) / positions."""
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(n, classes, spatial, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randn(n, classes, spatial, generator=g, dtype=torch.float64)
@@ -362,7 +395,8 @@ def test_student_output_is_unchanged_by_the_pass():
     c = gk.compress(model, MSE, x)
     out, ref = c.model(x), model(x)
     assert list(out) == ["a", "bc"]
-    for got, want in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref)):
+    leaves = torch.utils._pytree.tree_leaves
+    for got, want in zip(leaves(out), leaves(ref), strict=True):
         assert torch.equal(got, want)
 
 
@@ -391,7 +425,8 @@ def test_pass_time_validation_leaves_student_state_and_rng_untouched():
     rng = torch.get_rng_state()
     c = gk.compress(model, MSE, x)
     assert torch.equal(torch.get_rng_state(), rng)
-    for (key, got), want in zip(c.model.state_dict().items(), model.state_dict().values()):
+    student_state, original_state = c.model.state_dict().items(), model.state_dict().values()
+    for (key, got), want in zip(student_state, original_state, strict=True):
         assert torch.equal(got, want), key
     assert c.model.training
 
@@ -481,7 +516,8 @@ def test_two_distill_passes_share_one_teacher_forward():
         for p in c.model.parameters():
             p.add_(0.1)
     out, t = c.model(x), model(x)
-    expected = reference_mse(out["a"], t["a"]) + reference_softmax_kd(out["bc"][0], t["bc"][0], 2.0, 1)
+    expected = (reference_mse(out["a"], t["a"])
+                + reference_softmax_kd(out["bc"][0], t["bc"][0], 2.0, 1))
     assert calls[0] == 1
     assert set(c.statistics()) == {"distill", "distill_1"}
     assert c.loss().item() == pytest.approx(expected.item(), rel=1e-6)
