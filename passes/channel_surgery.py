@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from graphkd.graph import WEIGHT_LAYER_TYPES
-from graphkd.passes.channels import Role
+from graphkd.passes.channel_model import Role
 
 K = TypeVar("K")
 Site = tuple[Role, int]

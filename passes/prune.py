@@ -22,8 +22,9 @@ from graphkd.flops import count_flops, count_params, node_macs
 from graphkd.graph import (ScopeFilter, flat_name, insert_module_after, insert_module_before,
                            insert_on_weight, layer_of, scopes_of, weight_transforms)
 from graphkd.passes.channel_surgery import kept_numel, slice_module
-from graphkd.passes.channels import (ChannelGroup, ChannelGroups, Role, SiteKey, channel_groups,
-                                     member_sites)
+from graphkd.passes.channel_model import (ChannelGroup, ChannelGroups, Role, SiteKey,
+                                          member_sites)
+from graphkd.passes.channels import channel_groups
 from graphkd.passes.filter_masks import (CRITERIA, ChannelMask, filter_importance, keep_count,
                                          select_channels)
 from graphkd.passes.sparsify import nncf_scope

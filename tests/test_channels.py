@@ -7,7 +7,8 @@ from torch import nn
 
 import graphkd as gk
 from graphkd.graph import functionalize_layer, layer_of
-from graphkd.passes.channels import Member, Role, channel_groups
+from graphkd.passes.channel_model import Member, Role
+from graphkd.passes.channels import channel_groups
 from graphkd.zoo import resnet_tiny
 from tests.models import FlattenLinear
 
