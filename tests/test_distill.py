@@ -390,6 +390,21 @@ def test_eval_forward_runs_no_teacher_and_clears_the_loss():
     assert calls[0] == 1 and c.loss().item() == 0.0
 
 
+def test_outputs_frozen_after_compress_stop_taking_part():
+    model, x = ThreeOutputs(nested=True), torch.randn(6, 4)
+    c = gk.compress(model, MSE, x)
+    with torch.no_grad():
+        for p in c.model.parameters():
+            p.add_(0.1)
+    c.model.a.requires_grad_(False)
+    out = c.model(x)
+    assert c.loss().item() == pytest.approx(reference_mse(out["bc"][0], model(x)["bc"][0]).item(),
+                                            rel=1e-6)
+    c.model.requires_grad_(False)
+    c.model(x)
+    assert c.loss().item() == 0.0
+
+
 def test_student_output_is_unchanged_by_the_pass():
     model, x = ThreeOutputs(nested=True), torch.randn(3, 4)
     c = gk.compress(model, MSE, x)
