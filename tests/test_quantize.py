@@ -432,3 +432,20 @@ def test_quantize_with_distill(order):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_physical_pruning_shrinks_per_channel_quantizers():
+    if "prune" not in gk.available_passes():
+        pytest.skip("the prune pass is not available in this checkout")
+    model, x = trained_resnet(), torch.randn(4, 3, 16, 16)
+    c = gk.compress(model, {"pipeline": [{"pass": "quantize"}, {"pass": "prune", "ratio": 0.5}]},
+                    x)
+    c.model.eval()
+    exported = c.export()
+    layers = [n for n in exported.graph.nodes if layer_of(exported, n) is not None]
+    assert len(layers) == 7
+    for node in layers:
+        (q,) = [t for t in weight_transforms(exported, node) if isinstance(t, WeightQuantizer)]
+        assert q.scale.shape == (layer_of(exported, node)[1].weight.shape[0],)
+    assert gk.count_params(exported) < gk.count_params(model)
+    torch.testing.assert_close(exported(x), c.model(x), rtol=1e-5, atol=1e-6)
