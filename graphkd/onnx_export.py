@@ -7,6 +7,7 @@ they are swapped in on a copy before export, so the core knows nothing of any pa
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import warnings
 from pathlib import Path
@@ -38,11 +39,8 @@ def export_onnx(model: Compressed | fx.GraphModule, path: str | Path,
         c = gk.compress(model, {"pipeline": [{"pass": "quantize"}]}, x)
         gk.export_onnx(c, "model.onnx")
     """
-    try:
-        import onnx  # noqa: F401  (the exporter needs it to serialise)
-    except ImportError:
-        raise GraphKDError("export_onnx needs the 'onnx' package: pip install 'graphkd[onnx]'"
-                           ) from None
+    if importlib.util.find_spec("onnx") is None:  # the exporter needs it to serialise
+        raise GraphKDError("export_onnx needs the 'onnx' package: pip install 'graphkd[onnx]'")
     if opset < DEFAULT_OPSET:
         raise GraphKDError(f"export_onnx: opset {opset} is too old; per-channel "
                            f"QuantizeLinear/DequantizeLinear needs opset >= {DEFAULT_OPSET}")

@@ -14,13 +14,17 @@ The price is that BatchNorm no longer normalises with batch statistics during fi
 usual "frozen BN" phase of QAT, appropriate for fine-tuning a trained model with a small learning
 rate. Keeping BN (``fold_bn: false``) trains with batch statistics but quantizes the unfolded
 weights, so a runtime that folds BN later would round different weights than were trained.
+
+Not covered: ``nn.Embedding`` weights (the core has no functional weight edge for them), and the
+insides of modules torch.fx keeps as leaves - ``nn.MultiheadAttention`` is one, so write attention
+with ``nn.Linear`` and ``@`` (as nanoGPT does) to quantize its projections and matmuls.
 """
 from __future__ import annotations
 
 import logging
 import operator
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
 import torch
@@ -33,12 +37,10 @@ from graphkd.graph import (
     scopes_of,
 )
 from graphkd.pipeline import Pass, PassContext
-from graphkd.trace import as_input_tuple
 
 from .bn_fold import fold_batchnorms
-from .quantizers import (
-    ActivationQuantizer, FakeQuantize, QuantSpec, RangeStatistics, WeightQuantizer,
-)
+from .quantizers import ActivationQuantizer, QuantSpec, WeightQuantizer
+from .range_init import RangeCalibrator, device_of
 from .sparsify import nncf_scope
 
 log = logging.getLogger(__name__)
@@ -118,11 +120,11 @@ class Quantize(Pass):
             inputs = self._quantize_activations(gm, select)
         gm.graph.lint()
         gm.recompile()
-        calibrator = RangeCalibrator(gm, inputs, self.range_type,
-                                     self.percentiles)
+        calibrator = RangeCalibrator(gm, inputs, self.range_type, self.percentiles)
         calibrator.calibrate([ctx.example_inputs], num_samples=None)
+        # the caller's sample count wins; range_init.num_samples applies when it gives None
         ctx.on_calibrate(lambda data, num_samples: calibrator.calibrate(
-            data, num_samples or self.num_samples))
+            data, self.num_samples if num_samples is None else num_samples))
         if not layers and not inputs:
             warnings.warn("quantize selected nothing to quantize (check target_scopes / "
                           "ignored_scopes); the pass does nothing", stacklevel=2)
@@ -150,8 +152,14 @@ class Quantize(Pass):
             out_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
             quantizer = WeightQuantizer(self.weights, layer.weight, out_axis=out_axis,
                                         learnable=self.learnable)
-            layer_node = insert_on_weight(gm, node, f"quantizers.{flat_name(path)}_weight",
-                                          quantizer)
+            try:
+                layer_node = insert_on_weight(gm, node, f"quantizers.{flat_name(path)}_weight",
+                                              quantizer)
+            except ValueError as exc:  # no functional form (padding_mode='reflect'...)
+                warnings.warn(f"quantize: the weight of {path} is not quantized: {exc}",
+                              stacklevel=3)
+                skipped.add(path)
+                continue
             layers[path] = layer_node.args[1].target
         return layers, sorted(skipped)
 
@@ -168,7 +176,7 @@ class Quantize(Pass):
         names = []
         for point, direct in readers.items():
             quantizer = ActivationQuantizer(self.activations, learnable=self.learnable)
-            quantizer.to(_device_of(gm))
+            quantizer.to(device_of(gm))
             q = insert_module_after(gm, point, f"quantizers.{_tensor_name(gm, point)}", quantizer)
             for user in list(q.users):  # only quantizable consumers read the quantized tensor
                 if user not in direct:
@@ -222,12 +230,6 @@ def _check_percentiles(values: list[float]) -> tuple[float, float]:
         raise ConfigError(f"must be two percentiles [low, high] with 0 <= low < high <= 100, got "
                           f"{values}", "range_init.percentiles")
     return float(values[0]), float(values[1])
-
-
-def _device_of(gm: nn.Module) -> torch.device:
-    for tensor in [*gm.parameters(), *gm.buffers()]:
-        return tensor.device
-    return torch.device("cpu")
 
 
 # --- Where activation quantizers go ---------------------------------------------------------
@@ -298,71 +300,6 @@ def quantization_point(gm: fx.GraphModule, source: fx.Node,
     while _is_transparent(gm, point) and _is_activation(point.args[0]):
         point, user = point.args[0], point
     return point, user
-
-
-# --- Range initialisation -------------------------------------------------------------------
-class RangeCalibrator:
-    """Sets activation ranges from data: runs the float student (every fake-quantizer disabled,
-    eval mode, no grad) and records the input range of each named activation quantizer.
-
-    Looks the quantizers up by name in the student at each call, so it keeps working after the
-    student is moved to another device.
-    """
-
-    def __init__(self, gm: fx.GraphModule, names: list[str], kind: str,
-                 percentiles: tuple[float, float]) -> None:
-        self.gm, self.names, self.kind, self.percentiles = gm, names, kind, percentiles
-
-    @torch.no_grad()
-    def calibrate(self, data: Iterable, num_samples: int | None) -> None:
-        """Observe up to ``num_samples`` samples of ``data`` (all when None) and set the ranges."""
-        if not self.names:
-            return
-        quantizers = [self.gm.get_submodule(name) for name in self.names]
-        stats = {name: RangeStatistics(self.kind, self.percentiles) for name in self.names}
-        hooks = [q.register_forward_pre_hook(lambda _m, args, s=stats[n]: s.observe(args[0]))
-                 for n, q in zip(self.names, quantizers)]
-        fake_quants = [m for m in self.gm.modules() if isinstance(m, FakeQuantize)]
-        training = {m: m.training for m in self.gm.modules()}
-        enabled = {m: m.enabled for m in fake_quants}
-        try:
-            self.gm.eval()
-            for m in fake_quants:
-                m.enabled = False
-            device = _device_of(self.gm)
-            for inputs in calibration_batches(data, num_samples):
-                self.gm(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs))
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for m, flag in enabled.items():
-                m.enabled = flag
-            for m, flag in training.items():
-                m.training = flag
-        for name, quantizer in zip(self.names, quantizers):
-            observed = stats[name].range()
-            if observed is None:
-                log.warning("quantize: %s saw no data during range initialisation; its range "
-                            "is unchanged", name)
-                continue
-            quantizer.set_range(*observed)
-
-
-def calibration_batches(data: Iterable, num_samples: int | None) -> Iterator[tuple]:
-    """Input tuples from ``data`` (inputs, or ``(inputs, targets)`` pairs whose first element is
-    used), the last batch cut so that exactly ``num_samples`` samples are seen."""
-    seen = 0
-    for item in data:
-        inputs = as_input_tuple(item[0] if isinstance(item, (tuple, list)) else item)
-        if num_samples is not None:
-            batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)), 1)
-            take = min(batch, num_samples - seen)
-            if take < batch:
-                inputs = tuple(x[:take] if isinstance(x, torch.Tensor) else x for x in inputs)
-            seen += take
-        yield inputs
-        if num_samples is not None and seen >= num_samples:
-            return
 
 
 # --- NNCF translation -----------------------------------------------------------------------

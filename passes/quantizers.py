@@ -199,43 +199,6 @@ class ActivationQuantizer(FakeQuantize):
         super().set_range(torch.as_tensor(lo), torch.as_tensor(hi))
 
 
-class RangeStatistics:
-    """Accumulates an activation range over calibration batches.
-
-    ``min_max``: min of minima / max of maxima; ``mean_min_max``: mean of per-batch minima and
-    maxima; ``percentile``: mean of per-batch ``percentiles`` (robust to rare outliers).
-    """
-
-    def __init__(self, kind: RangeType, percentiles: tuple[float, float] = (0.1, 99.9)) -> None:
-        self.kind, self.percentiles = kind, percentiles
-        self.lows: list[torch.Tensor] = []
-        self.highs: list[torch.Tensor] = []
-
-    def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1)
-        if self.kind == "percentile":
-            lo, hi = (_percentile(x, p) for p in self.percentiles)
-        else:
-            lo, hi = torch.aminmax(x)
-        self.lows.append(lo)
-        self.highs.append(hi)
-
-    def range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(lo, hi)``, or None when nothing was observed."""
-        if not self.lows:
-            return None
-        lows, highs = torch.stack(self.lows), torch.stack(self.highs)
-        if self.kind == "min_max":
-            return lows.min(), highs.max()
-        return lows.mean(), highs.mean()
-
-
-def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q``-th percentile of a 1-D tensor (nearest rank; no size limit, unlike quantile)."""
-    k = min(max(int(round(q / 100 * (x.numel() - 1))) + 1, 1), x.numel())
-    return torch.kthvalue(x, k).values
-
-
 class QuantizeDequantize(nn.Module):
     """A frozen fake-quantizer in the form ONNX can express: QuantizeLinear/DequantizeLinear.
 

@@ -11,7 +11,8 @@ from torch import nn
 
 import graphkd as gk
 from graphkd.graph import find_nodes, layer_of, weight_transforms
-from graphkd.passes.quantize import Quantize, calibration_batches
+from graphkd.passes.quantize import Quantize
+from graphkd.passes.range_init import calibration_batches
 from graphkd.passes.quantizers import (
     ActivationQuantizer, FakeQuantize, QuantSpec, WeightQuantizer, integer_range,
 )
@@ -449,3 +450,12 @@ def test_physical_pruning_shrinks_per_channel_quantizers():
         assert q.scale.shape == (layer_of(exported, node)[1].weight.shape[0],)
     assert gk.count_params(exported) < gk.count_params(model)
     torch.testing.assert_close(exported(x), c.model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_without_functional_form_is_skipped_with_warning():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(3, 2, 1))
+    with pytest.warns(UserWarning, match="the weight of 0 is not quantized: 0: padding_mode="):
+        c = quantize(model, torch.randn(2, 2, 5, 5))
+    stats = c.statistics()["quantize"]
+    assert stats["skipped_scopes"] == ["0"] and list(stats["weight_bits"]) == ["2"]
