@@ -1,8 +1,8 @@
 """Measure models the way the final ``graphkd run`` table shows them, and format that table.
 
 Measurements: top-1 accuracy, parameters, FLOPs (:func:`graphkd.count_flops` at the config's
-input shape), size on disk (bytes of ``torch.save(state_dict)``) and CPU latency (median over
-repeated single-input forwards after warm-up).
+input shape), size on disk (bytes of ``torch.save(state_dict)``) and CPU latency (median of
+single-input forwards on one thread, models interleaved, after warm-up).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from .train import evaluate
 
 LATENCY_WARMUP = 5
 LATENCY_BUDGET_S = 0.5
-LATENCY_MAX_REPS = 200
+LATENCY_MIN_REPS = 20
+LATENCY_MAX_REPS = 300
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ModelReport:
     params: int
     flops: int
     size_bytes: int
-    latency_ms: float
+    latency_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,19 +49,32 @@ def size_on_disk(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def cpu_latency_ms(model: nn.Module, example: torch.Tensor) -> float:
-    """Median milliseconds of one eval-mode forward of ``example`` on CPU (a copy of ``model``)."""
-    model = copy.deepcopy(model).cpu().eval()
+def cpu_latencies_ms(models: Mapping[str, nn.Module], example: torch.Tensor) -> dict[str, float]:
+    """Median milliseconds of one eval-mode forward of ``example`` per model, on one CPU thread.
+
+    Models are timed in interleaved rounds (a, b, c, a, b, c, ...) so that a busy machine slows
+    them alike, and on one thread so that thread contention does not dominate tiny models.
+    """
+    copies = {name: copy.deepcopy(m).cpu().eval() for name, m in models.items()}
     example = example.cpu()
-    for _ in range(LATENCY_WARMUP):
-        model(example)
-    times: list[float] = []
-    deadline = time.perf_counter() + LATENCY_BUDGET_S
-    while len(times) < LATENCY_MAX_REPS and (len(times) < 10 or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        model(example)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for m in copies.values():
+            for _ in range(LATENCY_WARMUP):
+                m(example)
+        times: dict[str, list[float]] = {name: [] for name in copies}
+        deadline = time.perf_counter() + LATENCY_BUDGET_S * len(copies)
+        for rounds in range(LATENCY_MAX_REPS):
+            if rounds >= LATENCY_MIN_REPS and time.perf_counter() > deadline:
+                break
+            for name, m in copies.items():
+                start = time.perf_counter()
+                m(example)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def graph_flops(model: nn.Module, example: torch.Tensor) -> int:
@@ -74,10 +88,10 @@ def graph_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def measure(model: nn.Module, example: torch.Tensor, test_data: Iterable) -> ModelReport:
-    """Every column of the final table for ``model``."""
+    """Every column of the final table for ``model`` but latency, which
+    :func:`cpu_latencies_ms` measures for all models together."""
     return ModelReport(accuracy=evaluate(model, test_data), params=count_params(model),
-                       flops=graph_flops(model, example), size_bytes=size_on_disk(model),
-                       latency_ms=cpu_latency_ms(model, example))
+                       flops=graph_flops(model, example), size_bytes=size_on_disk(model))
 
 
 # --- The table ---------------------------------------------------------------------------------
@@ -110,6 +124,7 @@ def table_rows(models: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
         rows.append([ROW_TITLES.get(key, key), f"{m['accuracy']:.2%}",
                      _count(m["params"]) + ratio("params"), _count(m["flops"]) + ratio("flops"),
                      _size(m["size_bytes"]) + ratio("size_bytes"),
+                     "n/a" if m.get("latency_ms") is None else
                      f"{m['latency_ms']:.3f} ms" + ratio("latency_ms")])
     return rows
 

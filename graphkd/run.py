@@ -20,7 +20,7 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,8 @@ from .errors import ConfigError
 from .loading import build_model
 from .pipeline import Pipeline
 from .progress import Progress
-from .report import measure
-from .trace import trace
+from .report import cpu_latencies_ms, measure
+from .trace import propagate_shapes, trace
 from .train import History, TrainSpec, evaluate, fit, loader
 from .viz import check_formats, dump
 
@@ -114,6 +114,7 @@ class RunResult:
     out_dir: Path
     metrics: dict[str, Any]
     interrupted: bool = False
+    exported: nn.Module | None = None
 
 
 @dataclass
@@ -148,7 +149,7 @@ def run(config: str | Path, *, out_dir: str | Path | None = None, epochs: int | 
     metrics["teacher"] = {"source": teacher_history[0]}
     metrics["history"]["teacher"] = teacher_history[1].epochs
     if teacher_history[1].interrupted:
-        return _finish(out, metrics, [], interrupted=True)
+        return _finish(out, metrics, None, interrupted=True)
     metrics["models"]["original"] = measure(model, example, test_data).as_dict()
     log.info("original: top-1 %.2f%%", 100 * metrics["models"]["original"]["accuracy"])
 
@@ -162,6 +163,9 @@ def run(config: str | Path, *, out_dir: str | Path | None = None, epochs: int | 
     for phase in phases:
         metrics["models"][phase.label] = phase.report
         metrics["history"][phase.label] = phase.history.epochs
+    timed = {"original": model, **{p.label: p.exported for p in phases}}
+    for name, ms in cpu_latencies_ms(timed, example).items():
+        metrics["models"][name]["latency_ms"] = ms
     metrics["statistics"] = phases[0].compressed.statistics()
     metrics["files"] = save_exported(phases[0].exported, example, out,
                                      {"config": str(config), "input_shape": list(job.input_shape)})
@@ -171,17 +175,18 @@ def run(config: str | Path, *, out_dir: str | Path | None = None, epochs: int | 
         metrics["files"]["diff"] = [str(p) for p in (
             dump(phases[0].compressed.model, graphs / "diff_student", job.dump_formats, before=before)
             + dump(phases[0].exported, graphs / "diff_exported", job.dump_formats, before=before))]
-    return _finish(out, metrics, phases, interrupted=any(p.history.interrupted for p in phases))
+    return _finish(out, metrics, phases[0].exported,
+                   interrupted=any(p.history.interrupted for p in phases))
 
 
-def _finish(out: Path, metrics: dict[str, Any], phases: Sequence[_Phase], *, interrupted: bool
+def _finish(out: Path, metrics: dict[str, Any], exported: nn.Module | None, *, interrupted: bool
             ) -> RunResult:
     metrics["interrupted"] = interrupted
     curves = plot_curves(metrics["history"], out / "curves.png")
     if curves:
         metrics["files"]["curves"] = curves
     write_metrics(metrics, out / "metrics.json")
-    return RunResult(out, metrics, interrupted)
+    return RunResult(out, metrics, interrupted, exported)
 
 
 def _teacher(job: JobSpec, train_set: Any, test_data: Any, out: Path, progress: Progress | None
@@ -233,6 +238,7 @@ def _compress_phase(label: str, pipeline: Pipeline, model: nn.Module, job: JobSp
                   test_data=test_data, progress=progress, label=label)
     phase = _Phase(label, compressed, history)
     phase.exported = compressed.export()
+    propagate_shapes(phase.exported, example)  # export changes channel counts; dumps show shapes
     phase.report = measure(phase.exported, example, test_data).as_dict()
     phase.report["student_accuracy"] = evaluate(compressed.model, test_data)
     log.info("%s: top-1 %.2f%% (exported)", label, 100 * phase.report["accuracy"])
