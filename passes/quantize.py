@@ -34,12 +34,12 @@ from torch import fx, nn
 from graphkd.errors import ConfigError
 from graphkd.graph import (
     ScopeFilter, flat_name, insert_module_after, insert_on_weight, is_layer_node, layer_of,
-    scopes_of,
+    module_of, scopes_of, weight_transforms,
 )
 from graphkd.pipeline import Pass, PassContext
 
 from .bn_fold import fold_batchnorms
-from .quantizers import ActivationQuantizer, QuantSpec, WeightQuantizer
+from .quantizers import ActivationQuantizer, FakeQuantize, QuantSpec, WeightQuantizer
 from .range_init import RangeCalibrator, device_of
 from .sparsify import nncf_scope
 
@@ -149,6 +149,9 @@ class Quantize(Pass):
             if not select(path):
                 skipped.add(path)
                 continue
+            if is_layer_node(node) and any(isinstance(t, FakeQuantize)
+                                           for t in weight_transforms(gm, node)):
+                continue  # an earlier quantize pass got it (mixed precision by scopes)
             out_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
             quantizer = WeightQuantizer(self.weights, layer.weight, out_axis=out_axis,
                                         learnable=self.learnable)
@@ -172,7 +175,8 @@ class Quantize(Pass):
                 continue
             for source in quantizable_inputs(gm, node):
                 point, reader = quantization_point(gm, source, node)
-                readers.setdefault(point, set()).add(reader)
+                if not isinstance(module_of(gm, point), FakeQuantize):  # not quantized yet
+                    readers.setdefault(point, set()).add(reader)
         names = []
         for point, direct in readers.items():
             quantizer = ActivationQuantizer(self.activations, learnable=self.learnable)

@@ -459,3 +459,25 @@ def test_layer_without_functional_form_is_skipped_with_warning():
         c = quantize(model, torch.randn(2, 2, 5, 5))
     stats = c.statistics()["quantize"]
     assert stats["skipped_scopes"] == ["0"] and list(stats["weight_bits"]) == ["2"]
+
+
+def test_two_quantize_passes_give_mixed_precision_without_double_quantization():
+    model, x = trained_resnet(), torch.randn(2, 3, 16, 16)
+    c = gk.compress(model, {"pipeline": [
+        {"pass": "quantize", "bits": 4, "target_scopes": ["layer1"]},
+        {"pass": "quantize", "bits": 8},
+    ]}, x)
+    stats = c.statistics()
+    assert sorted(stats["quantize"]["weight_bits"]) == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert stats["quantize"]["weight_bits"]["layer1.0.conv1"] == 4
+    assert stats["quantize_1"]["weight_quantizers"] == 5
+    gm = c.model
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuantize):  # no quantizer reads another quantizer
+            source = node.args[0]
+            assert not (source.op == "call_module" and
+                        isinstance(gm.get_submodule(source.target), FakeQuantize))
+    for node in gm.graph.nodes:
+        if layer_of(gm, node) is not None:
+            assert len(weight_transforms(gm, node)) == 1
