@@ -86,3 +86,16 @@ def test_conv_transpose_quantized_along_axis_1(tmp_path):
     assert quantizer.axis == 1 and quantizer.scale.shape == (4,)
     path = gk.export_onnx(c, tmp_path / "deconv.onnx")
     torch.testing.assert_close(run_onnx(path, x), c.export()(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_quantize_and_distill_exports_the_student_only(tmp_path):
+    if "distill" not in gk.available_passes():
+        pytest.skip("the distill pass is not available in this checkout")
+    model, x = resnet_tiny().eval(), torch.randn(2, 3, 16, 16)
+    c = gk.compress(model, {"pipeline": [{"pass": "quantize"}, {"pass": "distill", "type": "mse"}]},
+                    x)
+    path = gk.export_onnx(c, tmp_path / "student.onnx")
+    ops = op_counts(path)
+    assert ops["Conv"] == 6  # the student's convs; the teacher is not exported
+    assert ops["QuantizeLinear"] == quantizer_count(c)
+    torch.testing.assert_close(run_onnx(path, x), c.export()(x).detach(), rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """The quantize pass: placement, fake-quant math, gradients, range init, BN folding, options."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -481,3 +482,24 @@ def test_two_quantize_passes_give_mixed_precision_without_double_quantization():
     for node in gm.graph.nodes:
         if layer_of(gm, node) is not None:
             assert len(weight_transforms(gm, node)) == 1
+
+
+def test_fold_batchnorm_into_functional_layer_without_bias_and_into_linear():
+    from graphkd.graph import functionalize_layer
+    from graphkd.passes.bn_fold import fold_batchnorms
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(27, 4), nn.BatchNorm1d(4, affine=False))
+    for bn in (model[1], model[5]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(5, 2, 5, 5)
+    gm = gk.trace(copy.deepcopy(model), x)
+    functionalize_layer(gm, find_nodes(gm, module_type=nn.Conv2d)[0])
+    assert fold_batchnorms(gm, lambda scope: True) == ["1", "5"]
+    gm.graph.lint()
+    gm.recompile()
+    assert not find_nodes(gm, module_type=(nn.BatchNorm1d, nn.BatchNorm2d))
+    assert gm.get_submodule("0").bias is not None
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
