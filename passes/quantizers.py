@@ -66,11 +66,11 @@ class FakeQuantize(nn.Module):
     """
 
     def __init__(self, spec: QuantSpec, *, axis: int | None, channels: int, learnable: bool,
-                 signed: bool = True, narrow: bool = False) -> None:
+                 narrow: bool = False) -> None:
         super().__init__()
         self.bits, self.mode, self.axis = spec.bits, spec.mode, axis
-        self.learnable, self.narrow, self.enabled = learnable, narrow, True
-        self.qmin, self.qmax = integer_range(spec.bits, spec.mode, signed, narrow)
+        self.learnable, self.enabled = learnable, True
+        self.qmin, self.qmax = integer_range(spec.bits, spec.mode, signed=True, narrow=narrow)
         shape = (channels,) if axis is not None else (1,)
         if learnable:
             self.scale = nn.Parameter(torch.ones(shape))
