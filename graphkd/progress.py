@@ -65,11 +65,11 @@ class RichProgress:
                               TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                               console=Console(file=stream), transient=False)
         self._epoch_task = self._batch_task = None
-        self.label = ""
+        self.label, self.epochs = "", 0
 
     def start(self, label: str, epochs: int, batches: int) -> None:
         self.finish()
-        self.label = label
+        self.label, self.epochs = label, epochs
         self._bars.start()
         self._epoch_task = self._bars.add_task(f"{label} epochs", total=epochs, info="")
         self._batch_task = self._bars.add_task("  batches", total=batches, info="")
@@ -79,7 +79,8 @@ class RichProgress:
 
     def epoch(self, index: int, metrics: dict[str, Any]) -> None:
         self._bars.update(self._epoch_task, completed=index + 1, info=format_metrics(metrics))
-        self._bars.reset(self._batch_task)
+        if index + 1 < self.epochs:
+            self._bars.reset(self._batch_task)
 
     def finish(self) -> None:
         if self._epoch_task is not None:

@@ -266,3 +266,39 @@ def test_ctrl_c_inside_fit_keeps_completed_epochs() -> None:
     history = fit(model, data, TrainSpec(), epochs=3, lr=0.01, progress=StopAtBatch6("train"))
     assert history.interrupted and [e["epoch"] for e in history.epochs] == [1]
     assert not model.training
+
+
+def test_progress_is_rich_on_a_terminal_and_log_lines_otherwise(caplog) -> None:
+    import io
+
+    from graphkd.progress import LogProgress, RichProgress, progress_for
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress_for(io.StringIO()), LogProgress)
+    terminal = Terminal()
+    assert isinstance(progress_for(terminal), RichProgress)
+    data = loader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), 4, shuffle=False)
+    fit(mlp((4, 3)), data, TrainSpec(), epochs=2, lr=0.01, progress=progress_for(terminal),
+        label="teacher")
+    assert "teacher epochs" in terminal.getvalue() and "2/2" in terminal.getvalue()
+    with caplog.at_level("INFO", logger="graphkd.train"):
+        fit(mlp((4, 3)), data, TrainSpec(), epochs=2, lr=0.01, label="kd")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "kd: 2 epochs x 2 batches"
+    assert lines[2].startswith("kd epoch 2/2: loss ") and " train " in lines[2]
+
+
+def test_table_rows_show_ratios_to_the_original() -> None:
+    from graphkd.report import markdown_table
+
+    models = {"original": {"accuracy": 0.995, "params": 90250, "flops": 3_640_000,
+                           "size_bytes": 369_766, "latency_ms": 0.2},
+              "kd": {"accuracy": 0.98, "params": 27900, "flops": 1_530_000,
+                     "size_bytes": 121_754, "latency_ms": 0.5}}
+    assert markdown_table(models).splitlines()[2:] == [
+        "| original | 99.50% | 90.25k | 3.64M | 361.1 KiB | 0.200 ms |",
+        "| compressed + KD | 98.00% | 27.90k (0.31x) | 1.53M (0.42x) | 118.9 KiB (0.33x) | "
+        "0.500 ms (2.50x) |"]
