@@ -39,7 +39,7 @@ from .progress import Progress
 from .report import cpu_latencies_ms, measure
 from .trace import propagate_shapes, trace
 from .train import History, TrainSpec, evaluate, fit, loader
-from .viz import check_formats, dump
+from .viz import check_formats, dump, graphviz_program
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def run(config: str | Path, *, out_dir: str | Path | None = None, epochs: int | 
         seed: int | None = None, progress: Progress | None = None) -> RunResult:
     """Run the main job for ``config``; see the module docstring. Returns the metrics."""
     pipeline, job = read_job(config, epochs=epochs, seed=seed)
+    for fmt in sorted({"svg", "png"} & set(job.dump_formats)):
+        graphviz_program("the graph dumps", fmt)  # fail now, not after training
     out = Path(out_dir) if out_dir is not None else Path("runs") / Path(config).stem
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(job.seed)

@@ -221,14 +221,20 @@ def to_mermaid(graph: nx.DiGraph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(dot_source: str, fmt: str, target: Path) -> None:
-    """Render DOT source to ``target`` as ``fmt`` (svg/png) with the Graphviz ``dot`` program."""
+def graphviz_program(what: str, fmt: str) -> str:
+    """The path of Graphviz's ``dot``, or an error saying ``what`` needs it and how to get it."""
     program = shutil.which("dot")
     if program is None:
         raise GraphKDError(
-            f"cannot write {target.name}: rendering {fmt} needs the Graphviz 'dot' program, which "
-            f"is not on PATH. Install Graphviz (apt-get install graphviz, brew install graphviz, "
-            f"conda install graphviz) or dump as dot/json/mermaid instead.")
+            f"cannot write {what}: rendering {fmt} needs the Graphviz 'dot' program, which is not "
+            f"on PATH. Install Graphviz (apt-get install graphviz, brew install graphviz, conda "
+            f"install graphviz) or dump as dot/json/mermaid instead.")
+    return program
+
+
+def render(dot_source: str, fmt: str, target: Path) -> None:
+    """Render DOT source to ``target`` as ``fmt`` (svg/png) with the Graphviz ``dot`` program."""
+    program = graphviz_program(target.name, fmt)
     try:
         subprocess.run([program, f"-T{fmt}", "-o", str(target)], input=dot_source.encode(),
                        check=True, capture_output=True, timeout=RENDER_TIMEOUT_S)

@@ -302,3 +302,13 @@ def test_table_rows_show_ratios_to_the_original() -> None:
         "| original | 99.50% | 90.25k | 3.64M | 361.1 KiB | 0.200 ms |",
         "| compressed + KD | 98.00% | 27.90k (0.31x) | 1.53M (0.42x) | 118.9 KiB (0.33x) | "
         "0.500 ms (2.50x) |"]
+
+
+def test_svg_dumps_without_graphviz_fail_before_training(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(GraphKDError, match=r"^cannot write the graph dumps: rendering (svg|png) "
+                                           r"needs the Graphviz 'dot' program"):
+        run(write_config(tmp_path), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
