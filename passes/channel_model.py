@@ -63,7 +63,6 @@ class ChannelGroup:
     members: list[Member] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)
     blocks: int = 1
-    mixes_statistics: bool = False
 
     @property
     def prunable(self) -> bool:
@@ -122,7 +121,6 @@ class GroupTable:
         kept, other = self.groups[keep], self.groups[gone]
         kept.members += [m for m in other.members if m not in kept.members]
         kept.blockers += other.blockers
-        kept.mixes_statistics |= other.mixes_statistics
         self.constrain(keep, other.blocks)
 
     def constrain(self, gid: int, blocks: int) -> None:

@@ -12,9 +12,10 @@ loss node) *blocks* the groups of its inputs: those channels are never pruned, s
 miss savings but never produce a wrong model. Layers are found in either form (``call_module`` or
 functionalized with a weight edge) through :func:`graphkd.graph.layer_of`.
 
-Caveat: GroupNorm and LayerNorm over the channel dim compute statistics across channels, so after
-export their remaining channels see different statistics than in the masked student; the groups
-that contain them are reported (:attr:`ChannelGroup.mixes_statistics`).
+GroupNorm (with fewer groups than channels) and LayerNorm over the channel dim compute statistics
+across channels: a zeroed channel still counts in the masked student but is gone after export, so
+the two would differ. Such norms block their groups; per-channel norms (BatchNorm, InstanceNorm,
+GroupNorm with one channel per group) follow their producer.
 
 Example::
 
@@ -279,9 +280,9 @@ class _ChannelWalk:
         if cmap is None or cmap.dim != 1 or len(cmap.segments) != 1 or cmap.segments[0].span != 1:
             self.block_inputs(node, "GroupNorm over a concatenation or flattened features")
             return
-        gid = cmap.segments[0].group
-        self.table.constrain(gid, m.num_groups)
-        self.table.groups[self.table.find(gid)].mixes_statistics |= m.num_groups < m.num_channels
+        if m.num_groups < m.num_channels:
+            self.block_inputs(node, "GroupNorm computes statistics across channels")
+            return
         self.norm(node, 1)
 
     def layer_norm(self, node: fx.Node, m: nn.LayerNorm) -> None:
@@ -291,12 +292,7 @@ class _ChannelWalk:
         if cmap is not None and cmap.dim < len(shape) - normalized:
             self.pointwise(node)  # normalizes within each channel: channels pass through
             return
-        if cmap is None or normalized != 1 or cmap.dim != len(shape) - 1:
-            self.block_inputs(node, "LayerNorm over channels and other dimensions")
-            return
-        for seg in cmap.segments:
-            self.table.groups[self.table.find(seg.group)].mixes_statistics = True
-        self.norm(node, -1)
+        self.block_inputs(node, "LayerNorm computes statistics across channels")
 
     def cat(self, node: fx.Node) -> None:
         """Concatenation along the channel dim maps channel offsets to each input's groups."""

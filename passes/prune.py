@@ -193,9 +193,6 @@ class PruningController:
                 "blocked" if group.blockers else "excluded")
             if i in self.excluded:
                 entry["excluded_by"] = self.excluded[i]
-            if group.mixes_statistics:
-                entry["note"] = ("a GroupNorm/LayerNorm normalizes across these channels: the "
-                                 "exported model differs from the masked student until fine-tuned")
             groups.append(entry)
         layers = {}
         for (path, role, dim), size in self.site_sizes(counts).items():

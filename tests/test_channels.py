@@ -159,3 +159,32 @@ def test_shared_layer_merges_grouped_conv_keeps_blocks_and_quantizer_passes_thro
         (6, ["grouped:out", "head:in"], 2, []),
         (2, ["head:out"], 1, ["node 'output': it is a model output"]),
     ]
+
+
+class CrossChannelNorms(nn.Module):
+    """Norms whose statistics span channels (block) next to per-channel ones (follow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.inorm = nn.GroupNorm(8, 8)
+        self.c = nn.Conv2d(8, 6, 1)
+        self.ln = nn.LayerNorm(6)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        x = self.b(self.gn(self.a(x)))
+        x = self.c(self.inorm(x))
+        return self.head(self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_norms_with_cross_channel_statistics_block_their_groups():
+    groups = channel_groups(gk.trace(CrossChannelNorms(), torch.randn(2, 3, 4, 4))).groups
+    by_producer = {g.members[0].module: g for g in groups}
+    assert by_producer["a"].blockers and "GroupNorm computes statistics across channels" in (
+        by_producer["a"].blockers[0])
+    assert by_producer["b"].prunable
+    assert [str(m) for m in by_producer["b"].members] == ["b:out", "inorm:norm", "c:in"]
+    assert not by_producer["c"].prunable
