@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import re
 import types
 import typing
 import warnings
@@ -378,6 +379,15 @@ def type_name(hint: Any) -> str:
 def _show(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
     return f"{text} ({type(value).__name__})"
+
+
+def nncf_scope(scope: str) -> str:
+    """An NNCF scope (``{re}regex`` or ``Net/Seq[layer1]/Conv2d[conv1]``) as a graphkd scope
+    pattern (``re:regex`` or ``layer1.conv1``), for the passes' ``options_from_nncf``."""
+    if scope.startswith("{re}"):
+        return "re:" + scope[len("{re}"):]
+    names = re.findall(r"\[([^\]]+)\]", scope)
+    return ".".join(names) if names else scope
 
 
 def translate_nncf(document: Mapping[str, Any]) -> dict[str, Any]:

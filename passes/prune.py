@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
+from graphkd.config import nncf_scope
 from graphkd.errors import ConfigError
 from graphkd.flops import count_flops, count_params, node_macs
 from graphkd.graph import (ScopeFilter, flat_name, insert_module_after, insert_module_before,
@@ -27,7 +28,6 @@ from graphkd.passes.channel_model import (ChannelGroup, ChannelGroups, Role, Sit
 from graphkd.passes.channels import channel_groups
 from graphkd.passes.filter_masks import (CRITERIA, ChannelMask, filter_importance, keep_count,
                                          select_channels)
-from graphkd.passes.sparsify import nncf_scope
 from graphkd.pipeline import Pass, PassContext
 from graphkd.schedule import LevelSchedule, ScheduleSpec, validate_schedule
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from graphkd.config import nncf_scope
 from graphkd.errors import ConfigError
 from graphkd.graph import (
     ScopeFilter, flat_name, insert_module_after, insert_on_weight, is_layer_node, layer_of,
@@ -41,7 +42,6 @@ from graphkd.pipeline import Pass, PassContext
 from .bn_fold import fold_batchnorms
 from .quantizers import ActivationQuantizer, FakeQuantize, QuantSpec, WeightQuantizer
 from .range_init import RangeCalibrator, device_of
-from .sparsify import nncf_scope
 
 log = logging.getLogger(__name__)
 

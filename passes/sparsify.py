@@ -14,7 +14,6 @@ weight exactly, so export keeps it as a node (with a warning).
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
+from graphkd.config import nncf_scope
 from graphkd.errors import ConfigError
 from graphkd.graph import ScopeFilter, flat_name, insert_on_weight, layer_of, scopes_of
 from graphkd.pipeline import Pass, PassContext
@@ -335,11 +335,3 @@ def _reject_unknown(mapping: Mapping[str, Any], known: set[str], prefix: str) ->
         if key not in known:
             raise ConfigError(f"unknown magnitude_sparsity key {key!r}; supported: "
                               f"{', '.join(sorted(known))}", f"{prefix}{key}")
-
-
-def nncf_scope(scope: str) -> str:
-    """An NNCF scope as a graphkd scope pattern (module path, or ``re:`` regex)."""
-    if scope.startswith("{re}"):
-        return "re:" + scope[len("{re}"):]
-    names = re.findall(r"\[([^\]]+)\]", scope)
-    return ".".join(names) if names else scope

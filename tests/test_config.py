@@ -6,7 +6,7 @@ from typing import Any, Literal, TypedDict
 import pytest
 
 import graphkd as gk
-from graphkd.config import check_type, load_document, type_name
+from graphkd.config import check_type, load_document, nncf_scope, type_name
 
 
 class Limits(TypedDict, total=False):
@@ -151,3 +151,8 @@ def test_type_names_read_well() -> None:
     check_type({"low": 1.0}, Limits | bool, "x")
     with pytest.raises(gk.ConfigError, match="x: must be a mapping with keys low, high or true"):
         check_type("yes", Limits | bool, "x")
+
+
+def test_nncf_scope_names() -> None:
+    assert nncf_scope("ResNet/Sequential[layer1]/BasicBlock[0]/Conv2d[conv1]") == "layer1.0.conv1"
+    assert nncf_scope("{re}.*classifier.*") == "re:.*classifier.*"

@@ -14,7 +14,7 @@ from torch import fx, nn
 import graphkd as gk
 from graphkd.errors import ConfigError
 from graphkd.graph import flat_name, insert_on_weight, layer_of, weight_transforms
-from graphkd.passes.sparsify import Sparsify, WeightMask, magnitude_masks, nncf_scope
+from graphkd.passes.sparsify import Sparsify, WeightMask, magnitude_masks
 from graphkd.zoo import resnet_tiny
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -357,11 +357,6 @@ def test_nncf_errors(params: dict, message: str) -> None:
         gk.Pipeline.from_dict({"compression": [{"algorithm": "magnitude_sparsity",
                                                 "params": params}]})
     assert str(info.value).startswith(message)
-
-
-def test_nncf_scope_names() -> None:
-    assert nncf_scope("ResNet/Sequential[layer1]/BasicBlock[0]/Conv2d[conv1]") == "layer1.0.conv1"
-    assert nncf_scope("{re}.*classifier.*") == "re:.*classifier.*"
 
 
 # --- other layer kinds and models -------------------------------------------------------------
