@@ -61,10 +61,11 @@ class Compressed:
         for fn in self.context.epoch_hooks:
             fn()
 
-    def init_ranges(self, data: Iterable, num_samples: int = 256) -> None:
+    def init_ranges(self, data: Iterable, num_samples: int | None = None) -> None:
         """Re-initialise data-dependent state (quantizer ranges) from ``data`` batches.
 
-        ``data`` yields inputs, or ``(inputs, targets)`` pairs whose first element is used.
+        ``data`` yields inputs, or ``(inputs, targets)`` pairs whose first element is used;
+        ``num_samples`` None lets each pass use its own configured count.
         """
         for fn in self.context.calibrators:
             fn(data, num_samples)
@@ -79,7 +80,9 @@ class Compressed:
 
         The student itself is left as it was, still trainable.
         """
-        exported = copy.deepcopy(self.model)
+        # The teacher is shared, not copied: export steps drop it from the copy anyway.
+        memo = {} if self.teacher is None else {id(self.teacher): self.teacher}
+        exported = copy.deepcopy(self.model, memo)
         for fn in self.context.export_steps:
             fn(exported)
         exported.graph.eliminate_dead_code()

@@ -119,7 +119,7 @@ class PassContext:
     step_hooks: list[Callable[[], None]] = field(default_factory=list)
     epoch_hooks: list[Callable[[], None]] = field(default_factory=list)
     export_steps: list[Callable[[fx.GraphModule], None]] = field(default_factory=list)
-    calibrators: list[Callable[[Iterable, int], None]] = field(default_factory=list)
+    calibrators: list[Callable[[Iterable, int | None], None]] = field(default_factory=list)
     states: dict[str, Stateful] = field(default_factory=dict)
     statistics: dict[str, dict | Callable[[], dict]] = field(default_factory=dict)
     teacher: nn.Module | None = None
@@ -149,7 +149,7 @@ class PassContext:
     def on_export(self, fn: Callable[[fx.GraphModule], None]) -> None:
         self.export_steps.append(fn)
 
-    def on_calibrate(self, fn: Callable[[Iterable, int], None]) -> None:
+    def on_calibrate(self, fn: Callable[[Iterable, int | None], None]) -> None:
         self.calibrators.append(fn)
 
     def add_state(self, name: str, obj: Stateful) -> None:
@@ -200,7 +200,7 @@ class Pipeline:
         dump_dir: str | Path | None = None,
         *,
         calibration_data: Iterable | None = None,
-        num_calibration_samples: int = 256,
+        num_calibration_samples: int | None = None,
         leaf_modules: Iterable[type | str] = (),
         auto_leaf: bool = True,
         dump_formats: Sequence[str] = ("dot", "json"),
