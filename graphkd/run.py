@@ -147,10 +147,10 @@ def run(config: str | Path, *, out_dir: str | Path | None = None, epochs: int | 
         "train": job.train.as_dict(), "teacher": {}, "models": {}, "history": {},
         "statistics": {}, "files": {}}
 
-    model, teacher_history = _teacher(job, train_set, test_data, out, progress)
-    metrics["teacher"] = {"source": teacher_history[0]}
-    metrics["history"]["teacher"] = teacher_history[1].epochs
-    if teacher_history[1].interrupted:
+    model, source, history = _teacher(job, train_set, test_data, out, progress)
+    metrics["teacher"] = {"source": source}
+    metrics["history"]["teacher"] = history.epochs
+    if history.interrupted:
         return _finish(out, metrics, None, interrupted=True)
     metrics["models"]["original"] = measure(model, example, test_data).as_dict()
     log.info("original: top-1 %.2f%%", 100 * metrics["models"]["original"]["accuracy"])
@@ -192,11 +192,12 @@ def _finish(out: Path, metrics: dict[str, Any], exported: nn.Module | None, *, i
 
 
 def _teacher(job: JobSpec, train_set: Any, test_data: Any, out: Path, progress: Progress | None
-             ) -> tuple[nn.Module, tuple[str, History]]:
-    """The trained original: given weights, the cached teacher, or one trained now and cached."""
+             ) -> tuple[nn.Module, str, History]:
+    """The trained original and where it came from (``weights``, ``cache`` or ``trained``, with
+    the training history)."""
     model, has_weights = build_model(job.model)
     if has_weights:
-        return model.eval(), ("weights", History())
+        return model.eval(), "weights", History()
     key = _teacher_key(job)
     cache = out / "teacher.pt"
     if cache.is_file():
@@ -204,7 +205,7 @@ def _teacher(job: JobSpec, train_set: Any, test_data: Any, out: Path, progress: 
         if saved.get("key") == key:
             model.load_state_dict(saved["state_dict"])
             log.info("teacher: reusing %s", cache)
-            return model.eval(), ("cache", History(epochs=json.loads(saved["history"])))
+            return model.eval(), "cache", History(epochs=json.loads(saved["history"]))
     torch.manual_seed(job.seed)
     history = fit(model, loader(train_set, job.train.batch_size, shuffle=True, seed=job.seed),
                   job.train, epochs=job.train.teacher_epochs, lr=job.train.teacher_lr,
@@ -212,7 +213,7 @@ def _teacher(job: JobSpec, train_set: Any, test_data: Any, out: Path, progress: 
     if not history.interrupted:
         torch.save({"key": key, "state_dict": model.state_dict(),
                     "history": json.dumps(history.epochs)}, cache)
-    return model.eval(), ("trained", history)
+    return model.eval(), "trained", history
 
 
 def _teacher_key(job: JobSpec) -> str:

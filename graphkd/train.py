@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -181,7 +181,3 @@ def fit(model: nn.Module, train_data: DataLoader, spec: TrainSpec, *, epochs: in
         model.eval()
     return history
 
-
-def spec_fields() -> list[str]:
-    """The keys a ``train`` section may have (for docs and tests)."""
-    return [f.name for f in fields(TrainSpec)]

@@ -81,3 +81,16 @@ def test_digits_demo_end_to_end(tmp_path) -> None:
     assert metrics["teacher"]["source"] == "trained" and not metrics["interrupted"]
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(exported(x), result.exported(x))
+
+
+def test_run_section_schemas_match_the_parsers() -> None:
+    """The TypedDicts that validate `train` and `data` list exactly the keys the parsers take."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from graphkd.config import DataSection, TrainSection
+    from graphkd.data import DataSpec
+    from graphkd.train import TrainSpec
+
+    assert list(get_type_hints(TrainSection)) == [f.name for f in fields(TrainSpec)]
+    assert set(get_type_hints(DataSection)) == {f.name for f in fields(DataSpec)}
