@@ -232,8 +232,9 @@ def _compress_phase(label: str, pipeline: Pipeline, model: nn.Module, job: JobSp
     torch.manual_seed(job.seed)
     calibration = loader(train_set, job.train.batch_size, shuffle=True, seed=job.seed)
     dump_dir = out / job.dump_dir if out is not None and job.dump_stages else None
+    calibrate = job.train.calibration_samples != 0
     compressed = pipeline.apply(model, example, dump_dir, dump_formats=job.dump_formats,
-                                calibration_data=calibration if job.train.calibration_samples else None,
+                                calibration_data=calibration if calibrate else None,
                                 num_calibration_samples=job.train.calibration_samples)
     history = fit(compressed.model, loader(train_set, job.train.batch_size, shuffle=True,
                                            seed=job.seed),

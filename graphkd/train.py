@@ -40,7 +40,7 @@ class TrainSpec:
     schedule: str = "cosine"
     teacher_epochs: int = 20
     teacher_lr: float = 3e-3
-    calibration_samples: int = 256
+    calibration_samples: int | None = None  # None: each pass's own count; 0: no calibration
 
     @classmethod
     def parse(cls, section: Mapping[str, Any] | None, path: str = "train", **overrides: Any
@@ -50,7 +50,7 @@ class TrainSpec:
         spec = cls(**values)
         for name in ("epochs", "batch_size", "teacher_epochs", "calibration_samples"):
             minimum = 0 if name in ("teacher_epochs", "calibration_samples") else 1
-            if getattr(spec, name) < minimum:
+            if getattr(spec, name) is not None and getattr(spec, name) < minimum:
                 raise ConfigError(f"must be >= {minimum}, got {getattr(spec, name)}", f"{path}.{name}")
         for name in ("lr", "teacher_lr"):
             if not getattr(spec, name) > 0:

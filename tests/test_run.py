@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import graphkd as gk
 from graphkd.artifacts import load_exported
 from graphkd.cli import EXIT_INTERRUPTED, EXIT_OK, main
 from graphkd.data import digits, synthetic
@@ -312,3 +313,26 @@ def test_svg_dumps_without_graphviz_fail_before_training(tmp_path, monkeypatch) 
                                            r"needs the Graphviz 'dot' program"):
         run(write_config(tmp_path), out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class RecordCalibration(gk.Pass):
+    """Records how `graphkd run` calibrates: the number of samples asked for, per call."""
+
+    name = "record_calibration"
+    calls: list = []
+
+    def apply(self, gm, ctx) -> None:
+        ctx.on_calibrate(lambda data, num_samples: RecordCalibration.calls.append(
+            (num_samples, next(iter(data))[0].shape)))
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("", [None]), (", calibration_samples: 7", [7]),
+                                                   (", calibration_samples: 0", [])])
+def test_calibration_uses_training_batches(tmp_path, setting, expected) -> None:
+    gk.register_pass(RecordCalibration)
+    RecordCalibration.calls = []
+    text = LIGHT.replace("teacher_epochs: 1", "teacher_epochs: 1" + setting).replace(
+        "  - pass: distill\n    type: mse\n", "  - pass: record_calibration\n")
+    run(write_config(tmp_path, text), out_dir=tmp_path / "out")
+    assert [n for n, _ in RecordCalibration.calls] == expected
+    assert all(shape == (16, 1, 8, 8) for _, shape in RecordCalibration.calls)  # train batches

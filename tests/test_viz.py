@@ -15,7 +15,7 @@ from torch import fx, nn
 
 import graphkd as gk
 from graphkd.errors import ConfigError, GraphKDError
-from graphkd.graph import insert_module_after, find_nodes
+from graphkd.graph import find_nodes, insert_module_after
 from graphkd.viz import (FORMATS, diff_view, dot_quote, dump, graph_view, json_graph, label_lines,
                          to_dot, to_json, to_mermaid)
 from graphkd.zoo import digits_cnn, mlp
