@@ -88,15 +88,15 @@ def load_exported(path: str | Path) -> fx.GraphModule:
 
 
 def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], target: Path) -> str | None:
-    """Training loss and test accuracy per epoch of each phase, one PNG (matplotlib, Agg)."""
+    """Training loss and test accuracy per epoch of each phase, one PNG (matplotlib's Agg canvas,
+    so it works headless and leaves the caller's pyplot backend alone)."""
     histories = {k: v for k, v in histories.items() if v}
     if not histories:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    loss_ax, acc_ax = fig.subplots(1, 2)
     for label, epochs in histories.items():
         x = [e["epoch"] for e in epochs]
         loss_ax.plot(x, [e["loss"] for e in epochs], marker="o", label=label)
@@ -107,8 +107,7 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], target: Pa
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
+    fig.savefig(target, dpi=100)  # rendered by the Agg canvas
     return str(target)
 
 

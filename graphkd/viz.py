@@ -96,12 +96,13 @@ def diff_view(before: fx.GraphModule, after: fx.GraphModule) -> nx.DiGraph:
     """
     old, new = graph_view(before), graph_view(after)
     old_by_id = {_identity(n, a): n for n, a in old.nodes(data=True)}
+    old_modules = {key for kind, key in old_by_id if kind == "module"}
     matched: dict[str, str] = {}
     for name, attrs in new.nodes(data=True):
         old_name = old_by_id.get(_identity(name, attrs))
         if old_name is None:
-            own_weight = attrs["op"] == "get_attr" and attrs["target"].rpartition(".")[0] in {
-                a.get("layer") or a["target"] for _, a in old.nodes(data=True)}
+            own_weight = (attrs["op"] == "get_attr"
+                          and attrs["target"].rpartition(".")[0] in old_modules)
             if not own_weight:
                 attrs["status"], attrs["note"] = "added", "added"
             continue
