@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,14 +21,16 @@ from graphkd.train import TrainSpec, evaluate, fit, learning_rate_factor, loader
 from graphkd.viz import FORMATS, SUFFIXES
 from graphkd.zoo import mlp
 
-SMOKE = """\
+# svg/png need Graphviz; without it (CI installs it when it can) the smoke run dumps the rest.
+SMOKE_FORMATS = FORMATS if shutil.which("dot") else tuple(f for f in FORMATS if f not in ("svg", "png"))
+SMOKE = f"""\
 model: graphkd.zoo:digits_cnn
 input_shape: [1, 1, 8, 8]
-data: {name: synthetic, num_samples: 96, num_classes: 10}
+data: {{name: synthetic, num_samples: 96, num_classes: 10}}
 seed: 3
-train: {epochs: 1, batch_size: 32, teacher_epochs: 2}
+train: {{epochs: 1, batch_size: 32, teacher_epochs: 2}}
 compare: no_distill
-dump: {formats: [dot, svg, png, json, mermaid]}
+dump: {{formats: [{", ".join(SMOKE_FORMATS)}]}}
 pipeline:
   - pass: prune
     ratio: 0.5
@@ -86,7 +89,7 @@ def test_compression_shrinks_params_and_flops(smoke) -> None:
 def test_dumps_exist_in_every_requested_format(smoke) -> None:
     graphs = smoke[1].out_dir / "graphs"
     stems = ["00_traced", "01_prune", "02_quantize", "03_distill", "diff_student", "diff_exported"]
-    expected = {stem + SUFFIXES[fmt] for stem in stems for fmt in FORMATS}
+    expected = {stem + SUFFIXES[fmt] for stem in stems for fmt in SMOKE_FORMATS}
     assert {p.name for p in graphs.iterdir()} == expected
     assert all((graphs / name).stat().st_size > 0 for name in expected)
     assert "[added]" in (graphs / "diff_student.dot").read_text()
@@ -306,12 +309,10 @@ def test_table_rows_show_ratios_to_the_original() -> None:
 
 
 def test_svg_dumps_without_graphviz_fail_before_training(tmp_path, monkeypatch) -> None:
-    import shutil
-
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(GraphKDError, match=r"^cannot write the graph dumps: rendering (svg|png) "
                                            r"needs the Graphviz 'dot' program"):
-        run(write_config(tmp_path), out_dir=tmp_path / "out")
+        run(write_config(tmp_path, LIGHT.replace("[json]", "[json, png]")), out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
