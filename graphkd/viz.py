@@ -10,6 +10,7 @@ channel counts changed, so a dump shows at a glance what a pipeline did.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -22,9 +23,12 @@ from torch import fx, nn
 from .errors import ConfigError, GraphKDError
 from .graph import WEIGHT_LAYER_TYPES, layer_of, to_networkx
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("dot", "svg", "png", "json", "mermaid")
 SUFFIXES = {"dot": ".dot", "svg": ".svg", "png": ".png", "json": ".json", "mermaid": ".md"}
 RENDER_TIMEOUT_S = 300
+MERMAID_MAX_EDGES, MERMAID_MAX_CHARS = 500, 50_000  # GitHub's limits for rendering a diagram
 MAX_DETAIL = 90
 
 # Fill colours by diff status; "same" nodes are coloured by op so inputs/outputs stand out.
@@ -203,7 +207,8 @@ def to_mermaid(graph: nx.DiGraph) -> str:
     """A Markdown file with a ``mermaid`` flowchart (GitHub renders it as a diagram).
 
     Vertices get generated ids (``n0``...) because fx names may contain characters Mermaid
-    reserves; the real name is the first label line.
+    reserves; the real name is the first label line. GitHub stops rendering diagrams past about
+    500 edges or 50,000 characters (a warning is logged then); use svg for such graphs.
     """
     ids = {name: f"n{i}" for i, name in enumerate(graph.nodes)}
     lines = ["```mermaid", "flowchart TD"]
@@ -219,7 +224,12 @@ def to_mermaid(graph: nx.DiGraph) -> str:
         lines.append(f"  classDef {status} fill:{fill},stroke:{pen}")
         lines.append(f"  class {','.join(members)} {status}")
     lines.append("```")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if graph.number_of_edges() > MERMAID_MAX_EDGES or len(text) > MERMAID_MAX_CHARS:
+        log.warning("Mermaid diagram with %d edges and %d characters is past what GitHub renders "
+                    "(%d edges, %d characters); dump svg for this graph", graph.number_of_edges(),
+                    len(text), MERMAID_MAX_EDGES, MERMAID_MAX_CHARS)
+    return text
 
 
 def graphviz_program(what: str, fmt: str) -> str:
