@@ -11,13 +11,15 @@ import networkx as nx
 import pydot
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import fx, nn
 
 import graphkd as gk
 from graphkd.errors import ConfigError, GraphKDError
 from graphkd.graph import find_nodes, insert_module_after
 from graphkd.viz import (FORMATS, diff_view, dot_quote, dump, graph_view, json_graph, label_lines,
-                         to_dot, to_json, to_mermaid)
+                         mermaid_text, to_dot, to_json, to_mermaid)
 from graphkd.zoo import digits_cnn, mlp
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' not installed")
@@ -220,3 +222,38 @@ def test_a_large_graph_dumps_in_seconds(tmp_path, caplog) -> None:
     assert time.perf_counter() - start < 15.0  # 0.1 s alone on 2 cores; slack for busy CI
     assert "past what GitHub renders" in caplog.text  # the mermaid dump warns it is too big
     assert len(json_graph((tmp_path / "big.json").read_text())) == len(gm.graph.nodes)
+
+
+def _undo_dot_quote(quoted: str) -> str:
+    """How Graphviz reads a quoted label: the parser turns \\" into ", then escString turns \\\\
+    into \\ and \\n into a line break."""
+    assert quoted[0] == quoted[-1] == '"'
+    body, out, i = quoted[1:-1], [], 0
+    while i < len(body):
+        if body[i] == "\\":
+            nxt = body[i + 1]
+            out.append({"\\": "\\", '"': '"', "n": "\n"}[nxt])
+            i += 2
+        else:
+            assert body[i] != '"', "unescaped quote ends the string early"
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r")))
+def test_dot_quote_round_trips_any_text(text: str) -> None:
+    assert _undo_dot_quote(dot_quote(text)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",))))
+def test_mermaid_text_never_breaks_the_quoted_label(text: str) -> None:
+    escaped = mermaid_text(text)
+    plain = escaped.replace("<br/>", "")
+    assert not set(plain) & {'"', "<", ">", "\n"}  # nothing that ends the label or opens a tag
+    decoded = escaped.replace("<br/>", "\n")
+    for char, entity in (('"', "#quot;"), ("<", "#lt;"), (">", "#gt;"), ("#", "#35;")):
+        decoded = decoded.replace(entity, char)
+    assert decoded == text
