@@ -390,6 +390,13 @@ def nncf_scope(scope: str) -> str:
     return ".".join(names) if names else scope
 
 
+def nncf_scope_options(section: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``target_scopes`` / ``ignored_scopes`` of an NNCF section, translated with
+    :func:`nncf_scope` (only the keys the section has)."""
+    return {key: [nncf_scope(s) for s in section[key]]
+            for key in ("target_scopes", "ignored_scopes") if key in section}
+
+
 def translate_nncf(document: Mapping[str, Any]) -> dict[str, Any]:
     """Translate an NNCF config (``compression`` list, ``input_info``) to a graphkd document.
 

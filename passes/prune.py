@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from graphkd.config import nncf_scope
+from graphkd.config import nncf_scope_options
 from graphkd.errors import ConfigError
 from graphkd.flops import count_flops, count_params, node_macs
 from graphkd.graph import (ScopeFilter, flat_name, insert_module_after, insert_module_before,
@@ -421,9 +421,7 @@ def translate_nncf_pruning(section: Mapping[str, Any]) -> dict[str, Any]:
         if key in params:
             options[key] = params[key]
     options["schedule"] = _nncf_schedule(params, init, options.get("ratio"))
-    for key in ("target_scopes", "ignored_scopes"):
-        if key in section:
-            options[key] = [nncf_scope(s) for s in section[key]]
+    options.update(nncf_scope_options(section))
     return options
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphkd.config import nncf_scope
+from graphkd.config import nncf_scope_options
 from graphkd.errors import ConfigError
 from graphkd.graph import (
     ScopeFilter, flat_name, insert_module_after, insert_on_weight, is_layer_node, layer_of,
@@ -350,9 +350,7 @@ def translate_nncf_quantization(section: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"unsupported key(s) {sorted(unknown)}; supported: type, "
                               f"num_init_samples", "initializer.range")
         options["range_init"] = translated
-    for key in ("target_scopes", "ignored_scopes"):
-        if key in section:
-            options[key] = [nncf_scope(s) for s in section[key]]
+    options.update(nncf_scope_options(section))
     return options
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from graphkd.config import nncf_scope
+from graphkd.config import nncf_scope_options
 from graphkd.errors import ConfigError
 from graphkd.graph import ScopeFilter, flat_name, insert_on_weight, layer_of, scopes_of
 from graphkd.pipeline import Pass, PassContext
@@ -324,9 +324,7 @@ def translate_nncf_sparsity(section: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"NNCF schedule {kind!r} is not supported; use polynomial, exponential "
                           f"or multistep", "params.schedule")
     options["schedule"] = schedule
-    for key in ("target_scopes", "ignored_scopes"):
-        if key in section:
-            options[key] = [nncf_scope(s) for s in section[key]]
+    options.update(nncf_scope_options(section))
     return options
 
 
