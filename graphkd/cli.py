@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .config import MISSING, build_passes, load_document, pass_options, type_name
+from .config import build_passes, load_document
+from .options import MISSING, pass_options, type_name
 from .errors import ConfigError, GraphKDError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from graphkd.config import nncf_scope_options
 from graphkd.errors import ConfigError
 from graphkd.flops import count_flops, count_params, node_macs
 from graphkd.graph import (ScopeFilter, flat_name, insert_module_after, insert_module_before,
@@ -28,6 +27,7 @@ from graphkd.passes.channel_model import (ChannelGroup, ChannelGroups, Role, Sit
 from graphkd.passes.channels import channel_groups
 from graphkd.passes.filter_masks import (CRITERIA, ChannelMask, filter_importance, keep_count,
                                          select_channels)
+from graphkd.passes.prune_nncf import translate_nncf_pruning
 from graphkd.pipeline import Pass, PassContext
 from graphkd.schedule import LevelSchedule, ScheduleSpec, validate_schedule
 
@@ -378,69 +378,3 @@ class Prune(Pass):
     def options_from_nncf(cls, section: Mapping[str, Any]) -> dict[str, Any]:
         """Translate NNCF ``filter_pruning``; see :func:`translate_nncf_pruning`."""
         return translate_nncf_pruning(section)
-
-
-# --- NNCF translation -----------------------------------------------------------------------
-_NNCF_KEYS = {"pruning_init", "params", "ignored_scopes", "target_scopes"}
-_NNCF_PARAMS = {"schedule", "pruning_target", "pruning_flops_target", "num_init_steps",
-                "pruning_steps", "filter_importance", "prune_first_conv", "prune_downsample_convs"}
-_NNCF_CRITERIA = {"L1": "l1", "L2": "l2", "geometric_median": "geometric_median"}
-NNCF_DEFAULT_STEPS = 100
-
-
-def translate_nncf_pruning(section: Mapping[str, Any]) -> dict[str, Any]:
-    """NNCF ``filter_pruning`` section -> ``prune`` options.
-
-    ``pruning_init`` -> ``init``; ``params.pruning_target`` -> ``ratio`` (NNCF default 0.5) or
-    ``params.pruning_flops_target`` -> ``flops_target``; ``filter_importance`` L1 | L2 |
-    geometric_median -> ``criterion``; ``schedule`` ``exponential`` (default) over
-    ``pruning_steps`` epochs after ``num_init_steps`` epochs at ``init`` (a multistep schedule
-    with the exponential's levels when ``num_init_steps`` > 0), ``baseline`` = ``init`` for
-    ``num_init_steps`` epochs then the target; ``prune_first_conv``, ``prune_downsample_convs``
-    as is; scopes as for ``magnitude_sparsity``.
-    """
-    for mapping, known, prefix in ((section, _NNCF_KEYS, ""),
-                                   (section.get("params", {}) or {}, _NNCF_PARAMS, "params.")):
-        for key in mapping:
-            if key not in known:
-                raise ConfigError(f"unknown filter_pruning key {key!r}; supported: "
-                                  f"{', '.join(sorted(known))}", f"{prefix}{key}")
-    params = section.get("params", {}) or {}
-    init = section.get("pruning_init", 0.0)
-    options: dict[str, Any] = {"init": init}
-    if "pruning_flops_target" in params:
-        options["flops_target"] = params["pruning_flops_target"]
-    else:
-        options["ratio"] = params.get("pruning_target", DEFAULT_RATIO)
-    importance = params.get("filter_importance", "L2")
-    if importance not in _NNCF_CRITERIA:
-        raise ConfigError(f"must be one of {', '.join(_NNCF_CRITERIA)}, got {importance!r}",
-                          "params.filter_importance")
-    options["criterion"] = _NNCF_CRITERIA[importance]
-    for key in ("prune_first_conv", "prune_downsample_convs"):
-        if key in params:
-            options[key] = params[key]
-    options["schedule"] = _nncf_schedule(params, init, options.get("ratio"))
-    options.update(nncf_scope_options(section))
-    return options
-
-
-def _nncf_schedule(params: Mapping[str, Any], init: float, ratio: float | None) -> dict[str, Any]:
-    kind = params.get("schedule", "exponential")
-    delay = params.get("num_init_steps", 0)
-    steps = params.get("pruning_steps", NNCF_DEFAULT_STEPS)
-    if kind not in ("baseline", "exponential"):
-        raise ConfigError(f"NNCF pruning schedule {kind!r} is not supported; use exponential or "
-                          f"baseline", "params.schedule")
-    if not delay:
-        return {"type": "constant"} if kind == "baseline" else {"type": "exponential",
-                                                                  "steps": steps}
-    if ratio is None:
-        raise ConfigError("num_init_steps with pruning_flops_target is not supported: give "
-                          "pruning_target, or drop num_init_steps", "params.num_init_steps")
-    if kind == "baseline":
-        return {"type": "multistep", "steps": [delay], "levels": [ratio]}
-    curve = LevelSchedule(ratio, init, {"type": "exponential", "steps": steps})
-    return {"type": "multistep", "steps": [delay + t for t in range(1, steps + 1)],
-            "levels": [curve.level_at(t) for t in range(1, steps + 1)]}
-

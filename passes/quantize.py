@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphkd.config import nncf_scope_options
+from graphkd.nncf import nncf_scope_options, reject_unknown_keys
 from graphkd.errors import ConfigError
 from graphkd.graph import (
     ScopeFilter, flat_name, insert_module_after, insert_on_weight, is_layer_node, layer_of,
@@ -357,8 +357,5 @@ def translate_nncf_quantization(section: Mapping[str, Any]) -> dict[str, Any]:
 def _nncf_group(group: Any, path: str) -> dict[str, Any]:
     if not isinstance(group, Mapping):
         raise ConfigError(f"must be a mapping of {', '.join(sorted(_NNCF_GROUP_KEYS))}", path)
-    for key in group:
-        if key not in _NNCF_GROUP_KEYS:
-            raise ConfigError(f"unknown key {key!r}; supported: "
-                              f"{', '.join(sorted(_NNCF_GROUP_KEYS))}", f"{path}.{key}")
+    reject_unknown_keys(group, _NNCF_GROUP_KEYS, "quantization", f"{path}.")
     return {k: v for k, v in group.items() if k != "signed"}

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from graphkd.config import nncf_scope_options
+from graphkd.nncf import nncf_scope_options, reject_unknown_keys
 from graphkd.errors import ConfigError
 from graphkd.graph import ScopeFilter, flat_name, insert_on_weight, layer_of, scopes_of
 from graphkd.pipeline import Pass, PassContext
@@ -284,9 +284,9 @@ def translate_nncf_sparsity(section: Mapping[str, Any]) -> dict[str, Any]:
     scopes: ``{re}X`` -> ``re:X``, ``Net/Sequential[layer1]/Conv2d[conv1]`` -> ``layer1.conv1``.
     ``sparsity_freeze_epoch`` is accepted and ignored: masks change only with the level anyway.
     """
-    _reject_unknown(section, _NNCF_KEYS, "")
+    reject_unknown_keys(section, _NNCF_KEYS, "magnitude_sparsity")
     params = section.get("params", {}) or {}
-    _reject_unknown(params, _NNCF_PARAMS, "params.")
+    reject_unknown_keys(params, _NNCF_PARAMS, "magnitude_sparsity", "params.")
     target = params.get("sparsity_target", NNCF_DEFAULT_TARGET)
     options: dict[str, Any] = {"level": target, "init": section.get("sparsity_init", 0.0)}
     if "sparsity_level_setting_mode" in params:
@@ -327,9 +327,3 @@ def translate_nncf_sparsity(section: Mapping[str, Any]) -> dict[str, Any]:
     options.update(nncf_scope_options(section))
     return options
 
-
-def _reject_unknown(mapping: Mapping[str, Any], known: set[str], prefix: str) -> None:
-    for key in mapping:
-        if key not in known:
-            raise ConfigError(f"unknown magnitude_sparsity key {key!r}; supported: "
-                              f"{', '.join(sorted(known))}", f"{prefix}{key}")

@@ -6,7 +6,9 @@ from typing import Any, Literal, TypedDict
 import pytest
 
 import graphkd as gk
-from graphkd.config import check_type, load_document, nncf_scope, type_name
+from graphkd.config import load_document
+from graphkd.nncf import nncf_scope
+from graphkd.options import check_type, type_name
 
 
 class Limits(TypedDict, total=False):

@@ -9,7 +9,8 @@ from torch import nn
 
 import graphkd as gk
 from graphkd.passes.filter_masks import filter_importance, keep_count, select_channels
-from graphkd.passes.prune import Prune, translate_nncf_pruning
+from graphkd.passes.prune import Prune
+from graphkd.passes.prune_nncf import translate_nncf_pruning
 from graphkd.zoo import digits_cnn, resnet_tiny
 
 ALL = {"prune_first_conv": True, "prune_downsample_convs": True}
