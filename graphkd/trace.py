@@ -139,6 +139,9 @@ def _trace_with_leaves(model: nn.Module, leaves: list[LeafSpec], auto_leaf: bool
                 scope, type(model.get_submodule(scope)).__name__, type(exc).__name__, exc,
             )
             auto_leaves.append(scope)
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # `from __future__ import annotations`: fx cannot pickle it
+            node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["auto_leaves"] = auto_leaves
     return gm

@@ -163,9 +163,31 @@ class WeightQuantizer(FakeQuantize):
         self.set_range(lo, hi)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            if self.training and self.enabled and not self.learnable:
+                self.init_from(weight)
+            return super().forward(weight)
+        return self._inference_forward(weight)
+
+    def _inference_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """Without autograd the quantized weight changes only when the weight or the grid does,
+        so it is computed once and reused: inference pays for weight fake-quant once, not on
+        every forward. The key holds storage pointers and version counters, which every in-place
+        update (optimizer step, ``load_state_dict``, range init) bumps."""
         if self.training and self.enabled and not self.learnable:
             self.init_from(weight)
-        return super().forward(weight)
+        key = tuple((t.data_ptr(), t._version) for t in (weight, self.scale, self.zero_point))
+        key += (self.enabled, weight.dtype, weight.device)
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, super().forward(weight))
+            self.__dict__["_inference_cache"] = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_inference_cache", None)
+        return state
 
     def select_weight_channels(self, dim: int, keep: torch.Tensor) -> None:
         """Keep the scales of weight channels ``keep`` when ``dim`` is the per-channel axis

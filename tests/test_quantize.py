@@ -499,3 +499,29 @@ def test_fold_batchnorm_into_functional_layer_without_bias_and_into_linear():
     assert not find_nodes(gm, module_type=(nn.BatchNorm1d, nn.BatchNorm2d))
     assert gm.get_submodule("0").bias is not None
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_inference_reuses_the_quantized_weight_until_weight_or_grid_change():
+    weight = torch.randn(4, 3, 3, 3)
+    q = WeightQuantizer(QuantSpec(8, "symmetric", True), weight, out_axis=0, learnable=True).eval()
+    with torch.no_grad():
+        first = q(weight)
+        assert q(weight) is first  # computed once
+        weight.mul_(0.5)  # in place, as an optimizer step does
+        second = q(weight)
+        assert second is not first
+        assert torch.equal(second, uncached(q, weight))
+        q.scale.mul_(2.0)
+        assert torch.equal(q(weight), uncached(q, weight))
+        q.select_weight_channels(0, torch.tensor([0, 2]))
+        assert q(weight[[0, 2]]).shape == (2, 3, 3, 3)
+    graded = weight.clone().requires_grad_()
+    out = q(graded[[0, 2]])  # autograd on: never the cached tensor
+    out.sum().backward()
+    assert out.grad_fn is not None and graded.grad is not None and q.scale.grad is not None
+
+
+def uncached(q: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
+    """The quantizer's output computed afresh (autograd on bypasses the inference cache)."""
+    with torch.enable_grad():
+        return q(weight).detach()

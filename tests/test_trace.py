@@ -122,3 +122,14 @@ def test_wrong_example_inputs_raise_trace_error() -> None:
         gk.trace(M.ConvBnRelu(), torch.randn(2, 5, 8, 8))
     with pytest.raises(gk.TraceError, match="needs a torch.nn.Module"):
         gk.trace(lambda x: x, torch.randn(1))
+
+
+def test_traced_graph_of_a_module_with_string_annotations_pickles() -> None:
+    import pickle
+
+    from graphkd.zoo import resnet_tiny  # its source uses `from __future__ import annotations`
+
+    model = resnet_tiny().eval()
+    x = torch.randn(1, 3, 8, 8)
+    restored = pickle.loads(pickle.dumps(gk.trace(model, x)))
+    assert torch.equal(restored(x), model(x))
