@@ -323,13 +323,11 @@ def translate_nncf_quantization(section: Mapping[str, Any]) -> dict[str, Any]:
     (``preset``, ``overflow_fix``, ``export_to_onnx_standard_ops``...) are ignored with a warning.
     """
     options: dict[str, Any] = {}
-    for key, value in section.items():
+    reject_unknown_keys(section, _NNCF_KEYS | _NNCF_IGNORED, "quantization")
+    for key in section:
         if key in _NNCF_IGNORED:
             warnings.warn(f"NNCF quantization key {key!r} has no equivalent and is ignored",
                           stacklevel=2)
-        elif key not in _NNCF_KEYS:
-            raise ConfigError(f"unknown quantization key {key!r}; supported: "
-                              f"{', '.join(sorted(_NNCF_KEYS | _NNCF_IGNORED))}", key)
     for group in ("weights", "activations"):
         if group in section:
             options[group] = _nncf_group(section[group], group)
