@@ -4,11 +4,12 @@
 The exported student is a ``torch.fx.GraphModule`` whose structure (pruned channel counts,
 folded quantizers) differs from the original architecture, so a state dict alone cannot rebuild
 it. ``model.pt`` therefore stores the pickled GraphModule next to its state dict, and
-:func:`load_exported` restores it; a portable ``torch.export`` program (or TorchScript) is added
-when the graph allows.
+:func:`load_exported` restores it; a portable ``torch.export`` program (or TorchScript) and an
+ONNX file are added when the graph (and the installed packages) allow.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import GraphKDError
+from .errors import GraphKDError, one_line
+from .onnx_export import export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,8 @@ EXPORT_FORMAT = "graphkd-exported/1"
 
 def save_exported(model: fx.GraphModule, example: torch.Tensor, out_dir: Path,
                   info: Mapping[str, Any]) -> dict[str, str]:
-    """Write ``model.pt`` (+ ``model.pt2`` or ``model.torchscript.pt`` when possible); returns
-    ``{kind: path or why not}``."""
+    """Write ``model.pt`` (+ ``model.pt2`` or ``model.torchscript.pt``, and ``model.onnx``, when
+    possible); returns ``{kind: path or why not}``."""
     files: dict[str, str] = {}
     _drop_string_annotations(model)
     target = out_dir / "model.pt"
@@ -37,6 +39,7 @@ def save_exported(model: fx.GraphModule, example: torch.Tensor, out_dir: Path,
                 "info": dict(info)}, target)
     files["model"] = str(target)
     files["portable"] = _save_portable(model, example, out_dir)
+    files["onnx"] = _save_onnx(model, example, out_dir)
     return files
 
 
@@ -60,7 +63,7 @@ def _save_portable(model: nn.Module, example: torch.Tensor, out_dir: Path) -> st
         torch.export.save(program, target)
         return str(target)
     except Exception as exc:  # torch.export refuses some graphs; fall back below
-        reasons.append(f"torch.export: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        reasons.append(f"torch.export: {one_line(exc)}")
     try:
         with torch.no_grad():
             scripted = torch.jit.trace(model, (example,), check_trace=False)
@@ -68,9 +71,22 @@ def _save_portable(model: nn.Module, example: torch.Tensor, out_dir: Path) -> st
         scripted.save(str(target))
         return str(target)
     except Exception as exc:
-        reasons.append(f"torch.jit.trace: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        reasons.append(f"torch.jit.trace: {one_line(exc)}")
     log.warning("no portable export of the model: %s", "; ".join(reasons))
     return "not written: " + "; ".join(reasons)
+
+
+def _save_onnx(model: fx.GraphModule, example: torch.Tensor, out_dir: Path) -> str:
+    """``model.onnx``, the deployable form of a quantized model (QuantizeLinear/DequantizeLinear
+    pairs that ONNX Runtime fuses into int8 kernels); the reason when it is not written (``onnx``
+    is an optional dependency, and the exporter refuses some graphs)."""
+    if importlib.util.find_spec("onnx") is None:
+        return "not written: needs the 'onnx' package (pip install 'graphkd[onnx]')"
+    try:
+        return str(export_onnx(model, out_dir / "model.onnx", example))
+    except Exception as exc:  # optional like the portable export: model.pt is always written
+        log.warning("model.onnx not written: %s", one_line(exc))
+        return "not written: " + one_line(exc)
 
 
 def load_exported(path: str | Path) -> fx.GraphModule:

@@ -54,3 +54,10 @@ class PassError(GraphKDError):
 
 class DistillError(GraphKDError):
     """Knowledge distillation cannot pair student and teacher outputs."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (cut at ``limit`` characters): why an optional step
+    was skipped, short enough for a log line or ``metrics.json``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"

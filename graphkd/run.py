@@ -9,7 +9,8 @@ Order of work (all outputs under ``out_dir``):
    ``criterion + Compressed.loss()``; export; measure;
 4. with ``compare: no_distill``, repeat step 3 without the distill pass from the same start
    (same teacher weights, seed and batch order), so the table shows what distillation bought;
-5. write ``metrics.json``, ``model.pt`` (+ a portable export), ``curves.png`` and diff dumps.
+5. time every model in PyTorch and in ONNX Runtime (int8 kernels for quantized models);
+6. write ``metrics.json``, ``model.pt`` (+ portable and ONNX exports), ``curves.png`` and diff dumps.
 
 Ctrl-C during training stops that phase, then the finished parts are exported and written with
 ``"interrupted": true`` and later phases are skipped.
@@ -36,7 +37,7 @@ from .errors import ConfigError
 from .loading import build_model
 from .pipeline import Pipeline
 from .progress import Progress
-from .report import cpu_latencies_ms, measure
+from .report import cpu_latencies_ms, measure, onnx_latencies_ms
 from .trace import propagate_shapes, trace
 from .train import History, TrainSpec, evaluate, fit, loader
 from .viz import check_formats, dump, graphviz_program
@@ -168,6 +169,8 @@ def run(config: str | Path, *, out_dir: str | Path | None = None, epochs: int | 
     timed = {"original": model, **{p.label: p.exported for p in phases}}
     for name, ms in cpu_latencies_ms(timed, example).items():
         metrics["models"][name]["latency_ms"] = ms
+    for name, ms in onnx_latencies_ms(timed, example).items():
+        metrics["models"][name]["onnx_latency_ms"] = ms
     metrics["statistics"] = phases[0].compressed.statistics()
     metrics["files"] = save_exported(phases[0].exported, example, out,
                                      {"config": str(config), "input_shape": list(job.input_shape)})

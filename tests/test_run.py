@@ -12,10 +12,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import graphkd as gk
+from graphkd import report
 from graphkd.artifacts import load_exported
 from graphkd.cli import EXIT_INTERRUPTED, EXIT_OK, main
 from graphkd.data import digits, synthetic
 from graphkd.errors import ConfigError, GraphKDError
+from graphkd.report import onnx_runtime_available
 from graphkd.run import METRICS_KEYS, run
 from graphkd.train import TrainSpec, evaluate, fit, learning_rate_factor, loader
 from graphkd.viz import FORMATS, SUFFIXES
@@ -49,7 +51,7 @@ pipeline:
   - pass: distill
     type: mse
 """
-MODEL_KEYS = {"accuracy", "params", "flops", "size_bytes", "latency_ms"}
+MODEL_KEYS = {"accuracy", "params", "flops", "size_bytes", "latency_ms", "onnx_latency_ms"}
 
 
 def write_config(directory: Path, text: str = SMOKE, name: str = "smoke.yaml") -> Path:
@@ -114,20 +116,97 @@ def test_the_exported_model_loads_and_gives_the_same_outputs(smoke) -> None:
     assert (result.out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+needs_ort = pytest.mark.skipif(not onnx_runtime_available(), reason="needs onnx and onnxruntime")
+
+
+def onnx_outputs(path: Path, inputs: list[torch.Tensor], optimize: bool) -> torch.Tensor:
+    """``model.onnx`` run one input at a time (its graph has the config's input shape); without
+    ``optimize`` ONNX Runtime runs each QuantizeLinear/DequantizeLinear in float, with it (the
+    default) it fuses them into int8 kernels."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.cat([torch.from_numpy(session.run(None, {name: x.numpy()})[0]) for x in inputs])
+
+
+def smoke_test_inputs() -> list[torch.Tensor]:
+    _, test = synthetic((1, 8, 8), 96, 10)
+    return [test[i][0][None] for i in range(4)]
+
+
+@needs_ort
+def test_onnx_runtime_latency_and_model_onnx(smoke) -> None:
+    _, result = smoke
+    latencies = [m["onnx_latency_ms"] for m in result.metrics["models"].values()]
+    assert len(latencies) == 3 and all(isinstance(ms, float) and ms > 0 for ms in latencies)
+    path = Path(result.metrics["files"]["onnx"])
+    assert path == result.out_dir / "model.onnx"
+    inputs = smoke_test_inputs()
+    expected = result.exported(torch.cat(inputs)).detach()
+    got = onnx_outputs(path, inputs, optimize=False)  # the exported graph itself, op by op
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@needs_ort
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug in passes/quantizers.py: Adam drives some learnable per-channel weight scales "
+    "below zero; they are clamped to MIN_SCALE (the channel's weights become 0 in PyTorch), and "
+    "ONNX Runtime's fused QLinearConv overflows the int32 bias of those channels"))
+def test_model_onnx_in_int8_kernels_matches_the_exported_model(smoke) -> None:
+    _, result = smoke
+    inputs = smoke_test_inputs()
+    expected = result.exported(torch.cat(inputs)).detach()
+    got = onnx_outputs(Path(result.metrics["files"]["onnx"]), inputs, optimize=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_without_onnxruntime_the_table_shows_n_a(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(report, "onnx_runtime_available", lambda: False)
+    assert main(["run", str(write_config(tmp_path, LIGHT)), "--out", str(tmp_path / "out")]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" | ", 1)[-1] for line in lines[2:4]] == ["n/a |", "n/a |"]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [m["onnx_latency_ms"] for m in metrics["models"].values()] == [None, None]
+    assert all(m["latency_ms"] > 0 for m in metrics["models"].values())
+
+
+def test_a_model_onnx_cannot_export_still_completes_the_run(tmp_path, caplog) -> None:
+    config = write_config(tmp_path, LIGHT.replace("graphkd.zoo:digits_cnn",
+                                                  "tests.test_report:unexportable_mlp")
+                          .replace("[1, 1, 8, 8]", "[1, 64]"))
+    with caplog.at_level("WARNING"):
+        result = run(config, out_dir=tmp_path / "out")
+    models = result.metrics["models"]
+    assert [m["onnx_latency_ms"] for m in models.values()] == [None, None]
+    assert all(m["latency_ms"] > 0 for m in models.values())
+    assert result.metrics["files"]["onnx"].startswith("not written: UnsupportedOperatorError: ")
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    assert (tmp_path / "out" / "model.pt").exists()
+    if onnx_runtime_available():
+        warned = [r.getMessage() for r in caplog.records if r.name == "graphkd.report"]
+        assert [w.split(":")[0] for w in warned] == ["ONNX Runtime latency of 'original'",
+                                                     "ONNX Runtime latency of 'kd'"]
+
+
 def test_the_cli_prints_the_table_and_reuses_the_cached_teacher(tmp_path, capsys) -> None:
     config = write_config(tmp_path, LIGHT + "compare: no_distill\n")
     argv = ["run", str(config), "--out", str(tmp_path / "out")]
     assert main(argv) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.startswith("| model | top-1 | params | FLOPs | size | CPU latency |\n")
+    assert out.startswith("| model | top-1 | params | FLOPs | size | PyTorch latency | "
+                          "ONNX Runtime latency |\n")
     assert "| compressed + KD | " in out and "| compressed, no KD | " in out
     assert "distillation changed top-1 by " in out
     first = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert main([*argv, "--epochs", "2"]) == EXIT_OK
     second = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (first["teacher"], second["teacher"]) == ({"source": "trained"}, {"source": "cache"})
-    assert second["models"]["original"] == {**first["models"]["original"],
-                                            "latency_ms": second["models"]["original"]["latency_ms"]}
+    timings = {k: second["models"]["original"][k] for k in ("latency_ms", "onnx_latency_ms")}
+    assert second["models"]["original"] == {**first["models"]["original"], **timings}
     assert len(second["history"]["kd"]) == 2
 
 
@@ -293,19 +372,6 @@ def test_progress_is_rich_on_a_terminal_and_log_lines_otherwise(caplog) -> None:
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "kd: 2 epochs x 2 batches"
     assert lines[2].startswith("kd epoch 2/2: loss ") and " train " in lines[2]
-
-
-def test_table_rows_show_ratios_to_the_original() -> None:
-    from graphkd.report import markdown_table
-
-    models = {"original": {"accuracy": 0.995, "params": 90250, "flops": 3_640_000,
-                           "size_bytes": 369_766, "latency_ms": 0.2},
-              "kd": {"accuracy": 0.98, "params": 27900, "flops": 1_530_000,
-                     "size_bytes": 121_754, "latency_ms": 0.5}}
-    assert markdown_table(models).splitlines()[2:] == [
-        "| original | 99.50% | 90.25k | 3.64M | 361.1 KiB | 0.200 ms |",
-        "| compressed + KD | 98.00% | 27.90k (0.31x) | 1.53M (0.42x) | 118.9 KiB (0.33x) | "
-        "0.500 ms (2.50x) |"]
 
 
 def test_svg_dumps_without_graphviz_fail_before_training(tmp_path, monkeypatch) -> None:
