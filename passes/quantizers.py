@@ -96,9 +96,16 @@ class FakeQuantize(nn.Module):
         self.scale.copy_(scale.expand_as(self.scale))
         self.zero_point.copy_(zero_point.expand_as(self.zero_point).to(self.zero_point.dtype))
 
+    def positive_scale(self) -> torch.Tensor:
+        """The scale in force. A trained scale is read through ``abs`` (as NNCF does): an
+        optimizer step that pushes it below zero flips its sign instead of collapsing the
+        channel onto a near-zero grid (which kills the channel in PyTorch and overflows the
+        int32 bias of int8 runtimes)."""
+        return self.scale.abs().clamp_min(MIN_SCALE)
+
     def current_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid in force: ``(scale > 0, integer zero point)`` as detached tensors."""
-        scale = self.scale.detach().clamp_min(MIN_SCALE)
+        scale = self.positive_scale().detach()
         zero_point = self.zero_point.detach().round().clamp(self.qmin, self.qmax)
         return scale, zero_point.to(torch.int32)
 
@@ -114,7 +121,7 @@ class FakeQuantize(nn.Module):
             x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
 
     def _learnable(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale.clamp_min(MIN_SCALE)
+        scale = self.positive_scale()
         # LSQ gradient scaling: keeps scale updates comparable to weight updates.
         per_scale = x.numel() // self.scale.numel()
         grad_factor = 1.0 / math.sqrt(max(per_scale, 1) * self.qmax)

@@ -525,3 +525,13 @@ def uncached(q: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
     """The quantizer's output computed afresh (autograd on bypasses the inference cache)."""
     with torch.enable_grad():
         return q(weight).detach()
+
+
+def test_a_trained_scale_that_crosses_zero_keeps_its_magnitude():
+    weight = torch.randn(3, 4)
+    q = WeightQuantizer(QuantSpec(8, "symmetric", True), weight, out_axis=0, learnable=True)
+    positive = q(weight).detach()
+    with torch.no_grad():
+        q.scale[1] *= -1  # an optimizer step overshooting past zero
+    torch.testing.assert_close(q(weight), positive, rtol=0, atol=0)
+    assert torch.equal(q.current_qparams()[0], q.scale.detach().abs())

