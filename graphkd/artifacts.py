@@ -33,7 +33,6 @@ def save_exported(model: fx.GraphModule, example: torch.Tensor, out_dir: Path,
     """Write ``model.pt`` (+ ``model.pt2`` or ``model.torchscript.pt``, and ``model.onnx``, when
     possible); returns ``{kind: path or why not}``."""
     files: dict[str, str] = {}
-    _drop_string_annotations(model)
     target = out_dir / "model.pt"
     torch.save({"format": EXPORT_FORMAT, "graph_module": model, "state_dict": model.state_dict(),
                 "info": dict(info)}, target)
@@ -41,16 +40,6 @@ def save_exported(model: fx.GraphModule, example: torch.Tensor, out_dir: Path,
     files["portable"] = _save_portable(model, example, out_dir)
     files["onnx"] = _save_onnx(model, example, out_dir)
     return files
-
-
-def _drop_string_annotations(model: fx.GraphModule) -> None:
-    """Forget type annotations that are strings (``from __future__ import annotations`` in the
-    model's source): fx cannot pickle them, and they do not affect what the graph computes."""
-    if any(isinstance(node.type, str) for node in model.graph.nodes):
-        for node in model.graph.nodes:
-            if isinstance(node.type, str):
-                node.type = None
-        model.recompile()
 
 
 def _save_portable(model: nn.Module, example: torch.Tensor, out_dir: Path) -> str:
