@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -220,12 +220,23 @@ class ActivationQuantizer(FakeQuantize):
 
     def __init__(self, spec: QuantSpec, *, learnable: bool) -> None:
         super().__init__(spec, axis=None, channels=1, learnable=learnable)
+        # Saved with the scale, so a checkpoint restores the grid's sign along with its size.
+        self.register_buffer("signed", torch.tensor(True))
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.symmetric:
-            signed = bool(torch.as_tensor(lo).min() < 0)
-            self.qmin, self.qmax = integer_range(self.bits, self.mode, signed, narrow=False)
+            self.signed.fill_(bool(torch.as_tensor(lo).min() < 0))
+            self._sync_integer_range()
         super().set_range(torch.as_tensor(lo), torch.as_tensor(hi))
+
+    def _sync_integer_range(self) -> None:
+        if self.symmetric:
+            self.qmin, self.qmax = integer_range(self.bits, self.mode, bool(self.signed),
+                                                 narrow=False)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_integer_range()
 
 
 class QuantizeDequantize(nn.Module):

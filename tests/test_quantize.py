@@ -535,3 +535,17 @@ def test_a_trained_scale_that_crosses_zero_keeps_its_magnitude():
         q.scale[1] *= -1  # an optimizer step overshooting past zero
     torch.testing.assert_close(q(weight), positive, rtol=0, atol=0)
     assert torch.equal(q.current_qparams()[0], q.scale.detach().abs())
+
+
+def test_activation_grid_sign_is_restored_from_a_checkpoint():
+    spec = QuantSpec(8, "symmetric", False)
+    relu_like = ActivationQuantizer(spec, learnable=False)
+    relu_like.set_range(torch.tensor(0.0), torch.tensor(2.0))
+    assert (relu_like.qmin, relu_like.qmax) == (0, 255)
+    signed = ActivationQuantizer(spec, learnable=False)
+    signed.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+    assert (signed.qmin, signed.qmax) == (-128, 127)
+    signed.load_state_dict(relu_like.state_dict())
+    assert (signed.qmin, signed.qmax) == (0, 255)
+    x = torch.linspace(-1, 2, 50)
+    assert torch.equal(signed(x), relu_like(x))
