@@ -99,3 +99,16 @@ def test_quantize_and_distill_exports_the_student_only(tmp_path):
     assert ops["Conv"] == 6  # the student's convs; the teacher is not exported
     assert ops["QuantizeLinear"] == quantizer_count(c)
     torch.testing.assert_close(run_onnx(path, x), c.export()(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_exported_file_serves_any_batch_size(tmp_path):
+    model = resnet_tiny().eval()
+    c = gk.compress(model, {"pipeline": [{"pass": "quantize", "bits": 8}]}, torch.randn(1, 3, 16, 16))
+    c.model.eval()
+    path = gk.export_onnx(c, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "x" and session.get_inputs()[0].shape[0] == "batch"
+    x = torch.randn(5, 3, 16, 16)
+    torch.testing.assert_close(run_onnx(path, x), c.model(x).detach(), rtol=1e-4, atol=1e-4)
+    fixed = gk.export_onnx(c, tmp_path / "fixed.onnx", dynamic_batch=False)
+    assert ort.InferenceSession(str(fixed)).get_inputs()[0].shape[0] == 1
