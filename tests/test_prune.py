@@ -265,3 +265,42 @@ def test_nncf_unknown_key_is_an_error_with_its_path():
                                              r"filter_pruning key 'legr_params'"):
         gk.Pipeline.from_dict({"compression": [{"algorithm": "filter_pruning",
                                                 "params": {"legr_params": {}}}]})
+
+
+class PerChannelLayers(nn.Module):
+    """Per-channel PReLU and InstanceNorm follow their producer; a ConvTranspose is pruned on
+    its output side (its weight is (in, out, k, k))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.PReLU(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(self.norm(self.b(self.act(self.a(x)))))))
+
+
+def test_prelu_instancenorm_and_conv_transpose_export_exactly():
+    model = PerChannelLayers()
+    with torch.no_grad():
+        model.act.weight.uniform_(-1, 1)
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    c = compress(model, x, ratio=0.5, **ALL)
+    c.model.eval()
+    exported = c.export()
+    torch.testing.assert_close(exported(x), c.model(x), rtol=1e-5, atol=1e-5)
+    shapes = {name: tuple(p.shape) for name, p in exported.named_parameters()
+              if not name.startswith(("quantizers", "prune_masks"))}
+    assert shapes["a.weight"] == (4, 3, 3, 3) and shapes["act.weight"] == (4,)
+    assert shapes["b.weight"] == (4, 4, 3, 3) and shapes["norm.weight"] == (4,)
+    assert shapes["up.weight"] == (4, 3, 2, 2) and shapes["head.weight"] == (2, 3, 1, 1)
+    assert exported.get_submodule("norm").running_mean.shape == (4,)
