@@ -136,3 +136,25 @@ class TopLevelControlFlow(nn.Module):
         for row in x:  # iterating a proxy fails outside any submodule
             x = x + row
         return self.fc(x)
+
+
+class Scale(nn.Module):
+    """Multiplies by a constant: a visible, easily checked module for passes to insert."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics so that a missed channel would show in the output."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    return model.eval()

@@ -15,15 +15,7 @@ from graphkd.graph import (
 )
 from graphkd.zoo import resnet_tiny
 from tests import models as M
-
-
-class Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x):
-        return x * self.factor
+from tests.models import Scale
 
 
 def test_find_nodes_by_op_type_scope_and_target() -> None:

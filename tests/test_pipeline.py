@@ -11,15 +11,7 @@ import graphkd as gk
 import graphkd.pipeline as pipeline_module
 from graphkd.graph import ScopeFilter, find_nodes, insert_module_after, insert_on_weight, scopes_of
 from tests import models as M
-
-
-class Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x):
-        return x * self.factor
+from tests.models import Scale
 
 
 class ScaleConvOutputs(gk.Pass):

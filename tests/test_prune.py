@@ -12,19 +12,9 @@ from graphkd.passes.filter_masks import filter_importance, keep_count, select_ch
 from graphkd.passes.prune import Prune
 from graphkd.passes.prune_nncf import translate_nncf_pruning
 from graphkd.zoo import digits_cnn, resnet_tiny
+from tests.models import randomize_norms
 
 ALL = {"prune_first_conv": True, "prune_downsample_convs": True}
-
-
-def randomize_norms(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics so that a missed channel would show in the output."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.normal_(m.weight)
-            nn.init.normal_(m.bias)
-    return model.eval()
 
 
 def compress(model: nn.Module, x: torch.Tensor, **options) -> gk.Compressed:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graphkd as gk
+from tests.models import randomize_norms
 
 IN_CHANNELS, SIZE = 3, 6
 
@@ -102,14 +103,7 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
 def test_export_equals_masked_student_with_fewer_channels(spec, ratio, criterion, round_to):
     torch.manual_seed(0)
     plan, flatten_head = spec
-    model = RandomDag(plan, flatten_head)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.normal_(m.weight)
-            nn.init.normal_(m.bias)
-    model.eval()
+    model = randomize_norms(RandomDag(plan, flatten_head))
     x = torch.randn(2, IN_CHANNELS, SIZE, SIZE)
     c = gk.compress(model, {"pipeline": [{"pass": "prune", "ratio": ratio, "criterion": criterion,
                                           "round_to": round_to, "prune_first_conv": True}]}, x)
