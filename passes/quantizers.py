@@ -180,14 +180,22 @@ class WeightQuantizer(FakeQuantize):
         """Without autograd the quantized weight changes only when the weight or the grid does,
         so it is computed once and reused: inference pays for weight fake-quant once, not on
         every forward. The key holds storage pointers and version counters, which every in-place
-        update (optimizer step, ``load_state_dict``, range init) bumps."""
+        update (optimizer step, ``load_state_dict``, range init) bumps; the entry keeps aliases of
+        those tensors so that no other tensor can take their memory while the entry lives.
+
+        Only a stored weight (a parameter) is cached: one computed on the way (an earlier mask's
+        output) is a new tensor at every forward, and inference tensors have no version counter.
+        """
         if self.training and self.enabled and not self.learnable:
             self.init_from(weight)
-        key = tuple((t.data_ptr(), t._version) for t in (weight, self.scale, self.zero_point))
+        tensors = (weight, self.scale, self.zero_point)
+        if not isinstance(weight, nn.Parameter) or any(t.is_inference() for t in tensors):
+            return super().forward(weight)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
         key += (self.enabled, weight.dtype, weight.device)
         cached = self.__dict__.get("_inference_cache")
         if cached is None or cached[0] != key:
-            cached = (key, super().forward(weight))
+            cached = (key, super().forward(weight), tuple(t.detach() for t in tensors))
             self.__dict__["_inference_cache"] = cached
         return cached[1]
 

@@ -502,7 +502,7 @@ def test_fold_batchnorm_into_functional_layer_without_bias_and_into_linear():
 
 
 def test_inference_reuses_the_quantized_weight_until_weight_or_grid_change():
-    weight = torch.randn(4, 3, 3, 3)
+    weight = nn.Parameter(torch.randn(4, 3, 3, 3))
     q = WeightQuantizer(QuantSpec(8, "symmetric", True), weight, out_axis=0, learnable=True).eval()
     with torch.no_grad():
         first = q(weight)
@@ -515,10 +515,36 @@ def test_inference_reuses_the_quantized_weight_until_weight_or_grid_change():
         assert torch.equal(q(weight), uncached(q, weight))
         q.select_weight_channels(0, torch.tensor([0, 2]))
         assert q(weight[[0, 2]]).shape == (2, 3, 3, 3)
-    graded = weight.clone().requires_grad_()
+    graded = weight.detach().clone().requires_grad_()
     out = q(graded[[0, 2]])  # autograd on: never the cached tensor
     out.sum().backward()
     assert out.grad_fn is not None and graded.grad is not None and q.scale.grad is not None
+
+
+def test_inference_cache_is_not_fooled_by_a_recomputed_weight_at_a_reused_address():
+    """A weight that reaches the quantizer through a sparsity mask is a new tensor at every
+    forward; the allocator hands its freed memory to the next one, with version 0 again."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 16)
+    mask = torch.ones(16, 16)
+    q = WeightQuantizer(QuantSpec(8, "symmetric", True), weight, out_axis=0, learnable=True).eval()
+    with torch.no_grad():
+        for _ in range(10):
+            weight.mul_(0.9)  # an optimizer step between two evaluations
+            masked = weight * mask
+            assert torch.equal(q(masked), uncached(q, masked))
+            del masked
+
+
+def test_sparsify_then_quantize_runs_under_inference_mode_and_matches_grad_mode():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    c = gk.compress(mlp([16, 16, 4]), {"pipeline": [{"pass": "sparsify", "level": 0.5},
+                                                    {"pass": "quantize"}]}, x)
+    c.model.eval()
+    with torch.inference_mode():
+        out = c.model(x).clone()
+    torch.testing.assert_close(out, c.model(x).detach(), rtol=0, atol=0)
 
 
 def uncached(q: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
