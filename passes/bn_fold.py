@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from graphkd.graph import is_layer_node, layer_of
+from graphkd.trace import node_shape
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -21,6 +22,10 @@ def fold_batchnorms(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[s
     """Fold every BatchNorm whose only input is a selected Conv/Linear used once and feeding only
     that BatchNorm; returns the module paths of the folded BatchNorms (removed from ``gm``).
 
+    Not folded: a layer whose output channels are not on dim 1, where BatchNorm normalises
+    (Linear on ``(N, L, C)`` tokens, unbatched convs), and a layer whose weight or bias
+    parameter another module shares (scaling it would change that module too).
+
     Weight transforms already on the layer's weight edge (sparsity or pruning masks) are
     element-wise 0/1 masks, so scaling the stored weight commutes with them.
     """
@@ -29,6 +34,9 @@ def fold_batchnorms(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[s
         info = layer_of(gm, node)
         if info is not None:
             layer_uses[info[0]] = layer_uses.get(info[0], 0) + 1
+    param_uses: dict[int, int] = {}
+    for _, param in gm.named_parameters(remove_duplicate=False):
+        param_uses[id(param)] = param_uses.get(id(param), 0) + 1
     bn_uses: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -44,12 +52,22 @@ def fold_batchnorms(gm: fx.GraphModule, select: Callable[[str], bool]) -> list[s
             continue
         if len(source.users) != 1 or not select(info[0]):
             continue
+        if not _channels_on_dim1(source, info[1]) or any(
+                param_uses[id(p)] > 1 for p in (info[1].weight, info[1].bias) if p is not None):
+            continue
         _fold_into(gm, source, info[0], info[1], bn)
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
         _delete_submodule(gm, node.target)
         folded.append(node.target)
     return folded
+
+
+def _channels_on_dim1(layer_node: fx.Node, layer: nn.Module) -> bool:
+    """Whether the layer's output channels are on dim 1: a batched output has one dim more than
+    the input of one sample, i.e. as many dims as the weight (``(N, C)`` for Linear)."""
+    shape = node_shape(layer_node)
+    return shape is not None and len(shape) == layer.weight.dim()
 
 
 @torch.no_grad()

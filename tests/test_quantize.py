@@ -501,6 +501,48 @@ def test_fold_batchnorm_into_functional_layer_without_bias_and_into_linear():
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+class _TokenLinearBN(nn.Module):
+    """Linear on (N, L, C) tokens, BatchNorm1d over dim 1 (the L tokens, not the features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class _TiedWeightBN(nn.Module):
+    """Two convs share one weight parameter; only the first is followed by a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 1)
+        self.b = nn.Conv2d(3, 3, 1)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.b(x)
+
+
+@pytest.mark.parametrize("make, shape", [(_TokenLinearBN, (3, 5, 6)),
+                                         (_TiedWeightBN, (2, 3, 4, 4))])
+def test_batchnorm_is_not_folded_where_folding_would_change_the_model(make, shape):
+    from graphkd.passes.bn_fold import fold_batchnorms
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.2, 0.5)
+    x = torch.randn(shape)
+    gm = gk.trace(copy.deepcopy(model), x)
+    assert fold_batchnorms(gm, lambda scope: True) == []
+    gm.recompile()
+    torch.testing.assert_close(gm(x), model(x))
+
+
 def test_inference_reuses_the_quantized_weight_until_weight_or_grid_change():
     weight = nn.Parameter(torch.randn(4, 3, 3, 3))
     q = WeightQuantizer(QuantSpec(8, "symmetric", True), weight, out_axis=0, learnable=True).eval()
