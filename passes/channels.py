@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,7 +122,7 @@ class _ChannelWalk:
                 node.op == "call_method" and node.target in _POINTWISE_METHODS):
             self.pointwise(node)
         elif node.target in _SPATIAL_FUNCTIONS:
-            self.spatial(node)
+            self.spatial(node, _spatial_rank(node.target.__name__))
         elif node.target in _CATS:
             self.cat(node)
         elif node.target in _FLATTENS:
@@ -131,7 +132,7 @@ class _ChannelWalk:
         elif node.target in _REDUCTIONS:
             self.reduce(node)
         elif node.op == "call_method" and node.target in _METADATA_METHODS:
-            return
+            self.metadata(node)
         else:
             self.block_inputs(node, f"{node.op} {target_name(node.target)!r} is not understood")
 
@@ -152,7 +153,7 @@ class _ChannelWalk:
         elif isinstance(m, _ACTIVATION_MODULES) or getattr(type(m), "elementwise", False):
             self.pointwise(node)
         elif isinstance(m, _SPATIAL_MODULES):
-            self.spatial(node)
+            self.spatial(node, _spatial_rank(type(m).__name__))
         else:
             self.block_inputs(node, f"module {node.target!r} ({type(m).__name__}) is not "
                                     f"understood")
@@ -256,13 +257,14 @@ class _ChannelWalk:
         if cmap is not None:
             self.maps[node] = cmap
 
-    def spatial(self, node: fx.Node) -> None:
-        """Pooling/resizing: channel-first tensors keep their channels."""
+    def spatial(self, node: fx.Node, rank: int | None) -> None:
+        """Pooling/resizing: channel-first tensors keep their channels. A ``rank``-d pool given
+        fewer dims (a 2-d pool on ``(N, C, L)``) pools over the channels as well."""
         source = node.args[0]
         cmap = self.maps.get(source) if isinstance(source, fx.Node) else None
         shape, out = node_shape(source), node_shape(node)
         if cmap is None or len(node.all_input_nodes) != 1 or cmap.dim != 1 or out is None or (
-                len(shape) < 3 or out[:2] != shape[:2]):
+                len(shape) < 3 or out[:2] != shape[:2] or rank not in (None, len(shape) - 2)):
             self.block_inputs(node, "pools over the channel dimension")
             return
         self.maps[node] = cmap
@@ -346,17 +348,43 @@ class _ChannelWalk:
             self.block(cmap, self.why(node, "flattens channels with the dims before them"))
 
     def reshape(self, node: fx.Node) -> None:
-        """``view``/``reshape`` is understood only when it equals a flatten."""
+        """``view``/``reshape`` is understood only when it equals a flatten and gives the
+        dimension holding the channels as ``-1``: any other size is fixed in the graph and
+        would be wrong once channels are removed."""
         source = node.args[0]
-        shape, out = node_shape(source), node_shape(node)
-        if shape is not None and out is not None:
+        cmap, shape, out = self.maps.get(source), node_shape(source), node_shape(node)
+        sizes = node.kwargs.get("shape", node.args[1:])
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = sizes[0]
+        if cmap is not None and shape is not None and out is not None:
             for start in range(len(shape)):
                 for end in range(start, len(shape)):
                     merged = shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]
-                    if merged == out:
+                    if merged != out:
+                        continue
+                    dim = cmap.dim - (end - start) if cmap.dim > end else min(cmap.dim, start)
+                    if len(sizes) != len(out) or sizes[dim] != -1:
+                        self.block(cmap, self.why(node, f"gives the channel dim {dim} a fixed "
+                                                        f"size (use -1 there, or flatten)"))
+                    else:
                         self.flatten(node, start, end)
-                        return
+                    return
         self.block_inputs(node, "reshapes channels (only flatten-like reshapes are understood)")
+
+    def metadata(self, node: fx.Node) -> None:
+        """``size()`` of the channel dim bakes the channel count into later computation, which
+        the export would then do with fewer channels; other sizes and ``dim()`` are harmless."""
+        cmap = self.maps.get(node.args[0])
+        if node.target != "size" or cmap is None:
+            return
+        ndim = len(node_shape(node.args[0]))
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is None:  # size() read through indexing only: n, c, h, w = x.size()
+            dims = [u.args[1] if u.target is operator.getitem else None for u in node.users]
+        else:
+            dims = [dim]
+        if not all(isinstance(d, int) and d % ndim != cmap.dim for d in dims):
+            self.block(cmap, self.why(node, "reads the channel count"))
 
     def reduce(self, node: fx.Node) -> None:
         source = node.args[0]
@@ -372,6 +400,12 @@ class _ChannelWalk:
             return
         shift = 0 if keepdim else sum(d < cmap.dim for d in dims)
         self.maps[node] = ChannelMap(cmap.dim - shift, cmap.segments)
+
+
+def _spatial_rank(name: str) -> int | None:
+    """How many trailing dims a ``...1d``/``2d``/``3d`` pool or pad works on (None: any)."""
+    match = re.search(r"([123])d$", name)
+    return int(match.group(1)) if match else None
 
 
 def channel_groups(gm: fx.GraphModule) -> ChannelGroups:

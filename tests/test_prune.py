@@ -294,3 +294,44 @@ def test_prelu_instancenorm_and_conv_transpose_export_exactly():
     assert shapes["b.weight"] == (4, 4, 3, 3) and shapes["norm.weight"] == (4,)
     assert shapes["up.weight"] == (4, 3, 2, 2) and shapes["head.weight"] == (2, 3, 1, 1)
     assert exported.get_submodule("norm").running_mean.shape == (4,)
+
+
+class ChannelCountLeak(nn.Module):
+    """``a``'s channel count is baked into the computation after it (``kind``), so pruning ``a``
+    would change what the model computes: its group must be blocked, ``b``'s still pruned."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv1d(3, 8, 3, padding=1) if kind == "pool2d" else nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((8, 1))
+        self.b = {"view": nn.Linear(8 * 16, 8), "pool2d": nn.Conv1d(8, 8, 1)}.get(
+            kind, nn.Conv2d(8, 8, 1))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.kind == "view":  # literal sizes: the exported view would mix samples
+            return self.head(torch.relu(self.b(y.view(-1, 8 * 16))))
+        if self.kind == "view_same":
+            y = y.view(-1, 8, 4, 4)
+        elif self.kind == "pool2d":  # a 2-d pool on (N, C, L) pools over the channels too
+            y = self.pool(y)
+        z = torch.relu(self.b(y)).flatten(2).mean(2)
+        return self.head(z) / y.size(1) if self.kind == "size" else self.head(z)
+
+
+@pytest.mark.parametrize("kind", ["view", "view_same", "size", "pool2d"])
+def test_code_that_depends_on_the_channel_count_blocks_its_group(kind):
+    torch.manual_seed(0)
+    model = ChannelCountLeak(kind).eval()
+    x = torch.randn(2, 3, 6) if kind == "pool2d" else torch.randn(2, 3, 4, 4)
+    c = compress(model, x, ratio=0.5, **ALL)
+    groups = {g["members"][0]: g for g in c.statistics()["prune"]["groups"]}
+    assert groups["a:out"]["status"] == "blocked"
+    assert groups["b:out"]["status"] == "pruned" and groups["b:out"]["kept"] == 4
+    c.model.eval()
+    exported = c.export()
+    for batch in (2, 3):
+        x = torch.randn(batch, *x.shape[1:])
+        torch.testing.assert_close(exported(x), c.model(x), rtol=1e-5, atol=1e-5)
