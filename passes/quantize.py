@@ -155,6 +155,8 @@ class Quantize(Pass):
             out_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
             quantizer = WeightQuantizer(self.weights, layer.weight, out_axis=out_axis,
                                         learnable=self.learnable)
+            if path in layers:  # a layer called more than once
+                quantizer.share_grid(gm.get_submodule(layers[path]))
             try:
                 layer_node = insert_on_weight(gm, node, f"quantizers.{flat_name(path)}_weight",
                                               quantizer)

@@ -169,6 +169,12 @@ class WeightQuantizer(FakeQuantize):
             lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
         self.set_range(lo, hi)
 
+    def share_grid(self, other: WeightQuantizer) -> None:
+        """Use ``other``'s scale and zero point tensors themselves: every call of one layer
+        quantizes its one weight on one grid, trained by the gradients of all the calls."""
+        for name in ("scale", "zero_point"):
+            setattr(self, name, getattr(other, name))
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             if self.training and self.enabled and not self.learnable:

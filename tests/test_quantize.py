@@ -543,6 +543,31 @@ def test_batchnorm_is_not_folded_where_folding_would_change_the_model(make, shap
     torch.testing.assert_close(gm(x), model(x))
 
 
+class _SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_a_layer_called_twice_keeps_one_weight_grid_through_training(learnable: bool):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    c = quantize(_SharedConv(), x, learnable=learnable)
+    first, second = (m for m in c.model.modules() if isinstance(m, WeightQuantizer))
+    optimizer = torch.optim.SGD(c.model.parameters(), lr=0.5)
+    for _ in range(2):
+        c.model(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weight = c.model.conv.weight
+    assert torch.equal(first(weight), second(weight))
+    assert c.statistics()["quantize"]["weight_quantizers"] == 1
+
+
 def test_inference_reuses_the_quantized_weight_until_weight_or_grid_change():
     weight = nn.Parameter(torch.randn(4, 3, 3, 3))
     q = WeightQuantizer(QuantSpec(8, "symmetric", True), weight, out_axis=0, learnable=True).eval()
