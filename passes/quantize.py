@@ -121,7 +121,7 @@ class Quantize(Pass):
         gm.graph.lint()
         gm.recompile()
         calibrator = RangeCalibrator(gm, inputs, self.range_type, self.percentiles)
-        calibrator.calibrate([ctx.example_inputs], num_samples=None)
+        calibrator.calibrate([(ctx.example_inputs,)], num_samples=None)  # one (inputs,) item
         # the caller's sample count wins; range_init.num_samples applies when it gives None
         ctx.on_calibrate(lambda data, num_samples: calibrator.calibrate(
             data, self.num_samples if num_samples is None else num_samples))

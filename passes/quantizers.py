@@ -101,7 +101,7 @@ class FakeQuantize(nn.Module):
         optimizer step that pushes it below zero flips its sign instead of collapsing the
         channel onto a near-zero grid (which kills the channel in PyTorch and overflows the
         int32 bias of int8 runtimes)."""
-        return self.scale.abs().clamp_min(MIN_SCALE)
+        return self.scale.float().abs().clamp_min(MIN_SCALE)
 
     def current_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid in force: ``(scale > 0, integer zero point)`` as detached tensors."""
@@ -112,24 +112,28 @@ class FakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if x.dtype != torch.float32:  # the kernels take float32: .double() / .half() models
+            return self.forward(x.float()).to(x.dtype)
         if self.learnable:
             return self._learnable(x)
+        scale = self.scale.float()
         if self.axis is None:
             return torch.fake_quantize_per_tensor_affine(
-                x, self.scale, self.zero_point, self.qmin, self.qmax)
+                x, scale, self.zero_point, self.qmin, self.qmax)
         return torch.fake_quantize_per_channel_affine(
-            x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
+            x, scale, self.zero_point, self.axis, self.qmin, self.qmax)
 
     def _learnable(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.positive_scale()
+        zero_point = self.zero_point.float()
         # LSQ gradient scaling: keeps scale updates comparable to weight updates.
         per_scale = x.numel() // self.scale.numel()
         grad_factor = 1.0 / math.sqrt(max(per_scale, 1) * self.qmax)
         if self.axis is None:
             return torch._fake_quantize_learnable_per_tensor_affine(
-                x, scale, self.zero_point, self.qmin, self.qmax, grad_factor)
+                x, scale, zero_point, self.qmin, self.qmax, grad_factor)
         return torch._fake_quantize_learnable_per_channel_affine(
-            x, scale, self.zero_point, self.axis, self.qmin, self.qmax, grad_factor)
+            x, scale, zero_point, self.axis, self.qmin, self.qmax, grad_factor)
 
     def onnx_module(self) -> nn.Module:
         """A frozen copy for ONNX export (see :class:`QuantizeDequantize`)."""

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import fx, nn
 
+from graphkd.errors import ConfigError
 from graphkd.trace import as_input_tuple
 
 from .quantizers import FakeQuantize, RangeType
@@ -70,6 +71,9 @@ class RangeCalibrator:
     @torch.no_grad()
     def calibrate(self, data: Iterable, num_samples: int | None) -> None:
         """Observe up to ``num_samples`` samples of ``data`` (all when None) and set the ranges."""
+        if num_samples is not None and num_samples < 1:
+            raise ConfigError(f"must be >= 1, got {num_samples}; pass None to use the pass's "
+                              f"range_init.num_samples", "num_calibration_samples")
         if not self.names:
             return
         quantizers = [self.gm.get_submodule(name) for name in self.names]
@@ -85,6 +89,7 @@ class RangeCalibrator:
                 m.enabled = False
             device = device_of(self.gm)
             for inputs in calibration_batches(data, num_samples):
+                self._check_arity(inputs)
                 self.gm(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs))
         finally:
             for hook in hooks:
@@ -100,6 +105,19 @@ class RangeCalibrator:
                             "is unchanged", name)
                 continue
             quantizer.set_range(*observed)
+
+
+    def _check_arity(self, inputs: tuple) -> None:
+        """A batch of a multi-input model given as ``(x, y)`` is read as (inputs, targets):
+        say how to lay it out instead of failing inside the model."""
+        required = [n.target for n in self.gm.graph.nodes if n.op == "placeholder" and not n.args]
+        if len(inputs) < len(required):
+            names = ", ".join(required)
+            raise ConfigError(
+                f"a calibration batch gives {len(inputs)} input(s) but the model takes "
+                f"{len(required)} ({names}). Each item is an input, or an (inputs, targets) pair "
+                f"whose first element is used: for several inputs yield (({names}), target) or "
+                f"(({names}),).", "calibration_data")
 
 
 def calibration_batches(data: Iterable, num_samples: int | None) -> Iterator[tuple]:

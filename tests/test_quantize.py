@@ -330,6 +330,57 @@ def test_calibration_batches_cut_to_num_samples():
     assert got == [[0.0] * 4, [1.0] * 2]
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x, y):
+        return self.a(x) * self.b(y)
+
+
+def test_two_input_model_is_quantized_and_calibrated_from_input_tuples():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randn(8, 5)
+    c = gk.compress(_TwoInputs(), {"pipeline": [{"pass": "quantize"}]}, (x[:2], y[:2]),
+                    calibration_data=[((x, y), torch.zeros(8))])
+    observed = c.model.get_submodule("quantizers.input_y")
+    expected = ActivationQuantizer(QuantSpec(8, "asymmetric"), learnable=True)
+    expected.set_range(y.min(), y.max())
+    assert torch.equal(observed.scale, expected.scale)
+
+
+def test_calibration_batch_with_too_few_inputs_is_an_error_naming_the_layout():
+    x, y = torch.randn(2, 4), torch.randn(2, 5)
+    with pytest.raises(gk.ConfigError, match=r"1 input\(s\) but the model takes 2 \(x, y\)"
+                                              r".*\(\(x, y\), target\)"):
+        gk.compress(_TwoInputs(), {"pipeline": [{"pass": "quantize"}]}, (x, y),
+                    calibration_data=[(x, y)])
+
+
+def test_zero_calibration_samples_is_a_config_error():
+    x = torch.randn(4, 8)
+    with pytest.raises(gk.ConfigError, match="num_calibration_samples: must be >= 1, got 0"):
+        gk.compress(mlp([8, 4]), {"pipeline": [{"pass": "quantize"}]}, x,
+                    calibration_data=[x], num_calibration_samples=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_quantized_student_runs_in_another_dtype_and_back(dtype: torch.dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    c = quantize(mlp([8, 8, 4]), x)
+    before = c.model(x).detach()
+    c.model.to(dtype)
+    out = c.model(x.to(dtype))
+    out.float().sum().backward()
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), before, rtol=0.05, atol=0.05)
+    c.model.float()
+    assert c.model(x).dtype == torch.float32
+
+
 # --- BatchNorm folding and export -----------------------------------------------------------
 def test_folded_float_student_equals_original_and_export_equals_student():
     model, x = trained_resnet(), torch.randn(4, 3, 16, 16)
