@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import warnings
@@ -241,9 +242,12 @@ def insert_distill_nodes(gm: fx.GraphModule, teacher: nn.Module, loss: DistillLo
                         None)
     if teacher_node is None:
         placeholders = find_nodes(gm, op="placeholder")
+        keyword_only = _keyword_only_parameters(teacher)
+        args = tuple(p for p in placeholders if p.target not in keyword_only)
+        kwargs = {p.target: p for p in placeholders if p.target in keyword_only}
         name = add_module(gm, "teacher", TeacherCall(teacher))
         with gm.graph.inserting_after(placeholders[-1]):
-            teacher_node = gm.graph.call_module(name, tuple(placeholders))
+            teacher_node = gm.graph.call_module(name, args, kwargs)
         teacher_node.meta["scope"] = ""
     output = find_nodes(gm, op="output")[0]
     name = add_module(gm, "distill_loss", loss)
@@ -251,6 +255,16 @@ def insert_distill_nodes(gm: fx.GraphModule, teacher: nn.Module, loss: DistillLo
         loss_node = gm.graph.call_module(name, (output.args[0], teacher_node))
     loss_node.meta["scope"] = ""
     return loss_node
+
+
+def _keyword_only_parameters(teacher: nn.Module) -> set[str]:
+    """The teacher's keyword-only ``forward`` parameters: the traced student takes them by
+    position too, the teacher must get them by name."""
+    try:
+        parameters = inspect.signature(teacher.forward).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature: pass everything by position
+        return set()
+    return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def remove_distill_nodes(gm: fx.GraphModule) -> None:

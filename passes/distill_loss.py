@@ -70,11 +70,11 @@ class TeacherCall(nn.Module):
         super().__init__()
         self.__dict__["teacher"] = teacher
 
-    def forward(self, *inputs: Any) -> Any:
+    def forward(self, *inputs: Any, **keyword_inputs: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return None
         with torch.no_grad():
-            return self.teacher(*inputs)
+            return self.teacher(*inputs, **keyword_inputs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> TeacherCall:
         self.teacher._apply(fn)

@@ -223,6 +223,27 @@ def test_no_grad_blocks_survive_tracing_and_restore_the_callers_mode():
     assert torch.is_grad_enabled()
 
 
+class _KeywordOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, *, scale: float = 2.0):
+        return self.fc(x) * scale
+
+
+def test_keyword_only_arguments_reach_the_teacher_by_keyword():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    model = _KeywordOnly()
+    c = gk.compress(model, {"pipeline": [{"pass": "distill", "type": "mse"}]}, x)
+    with torch.no_grad():
+        c.model.fc.weight.mul_(0.5)
+    out = c.model(x, scale=3.0)
+    expected = F.mse_loss(out, model(x, scale=3.0))
+    torch.testing.assert_close(c.loss(), expected)
+
+
 def test_nested_dict_outputs_are_paired_by_path():
     model, x = ThreeOutputs(nested=True), torch.randn(6, 4)
     c = gk.compress(model, MSE, x)
