@@ -10,6 +10,7 @@ channels physically, so the exported model is smaller and faster, unlike NNCF's 
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -59,6 +60,11 @@ class PruningController:
         self.params_before = count_params(gm)
         self.layer_macs = {path: sum(node_macs(gm, n) for n in nodes)
                            for path, nodes in analysis.layer_nodes.items()}
+        self.transforms = {path: list({id(t): t for n in analysis.layer_nodes.get(path, [])
+                                       if n.op == "call_function"
+                                       for t in weight_transforms(gm, n)}.values())
+                           for path, _, _ in self.sites}
+        self.transform_cache: dict[tuple, int] = {}
         self.masks: dict[SiteKey, list[str]] = {}
         self.bias_masks: dict[SiteKey, list[str]] = {}
         self.level = 0.0
@@ -158,8 +164,26 @@ class PruningController:
         flops = self.flops_before - 2 * (sum(self.layer_macs.values()) - macs)
         params = self.params_before - sum(
             _own_params(self.modules[path]) - kept_numel(self.modules[path], s)
-            for path, s in by_module.items())
+            + self.transform_params_removed(path, s) for path, s in by_module.items())
         return flops, params
+
+    def transform_params_removed(self, path: str, sizes: Mapping[tuple[Role, int], int]) -> int:
+        """Parameters the export slices off modules of earlier passes on ``path``'s weight edge
+        (per-channel quantizer scales...), measured on a copy through their own
+        ``select_weight_channels`` so any such module is counted right."""
+        key = (path, *sorted((role.value, dim, size) for (role, dim), size in sizes.items()))
+        if key not in self.transform_cache:
+            removed = 0
+            for transform in self.transforms.get(path, []):
+                if not hasattr(transform, "select_weight_channels"):
+                    continue
+                sliced = copy.deepcopy(transform)
+                for (role, dim), size in sizes.items():
+                    if role is not Role.NORM:
+                        sliced.select_weight_channels(dim, torch.arange(size))
+                removed += count_params(transform) - count_params(sliced)
+            self.transform_cache[key] = removed
+        return self.transform_cache[key]
 
     def ratio_for_flops(self, target: float) -> float:
         """The smallest ratio whose pruned FLOPs remove at least ``target`` of the total

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 import graphkd as gk
+from graphkd.flops import count_flops, count_params
 from graphkd.passes.filter_masks import filter_importance, keep_count, select_channels
 from graphkd.passes.prune import Prune
 from graphkd.passes.prune_nncf import translate_nncf_pruning
+from graphkd.trace import propagate_shapes
 from graphkd.zoo import digits_cnn, resnet_tiny
 from tests.models import randomize_norms
 
@@ -197,6 +199,17 @@ def test_prune_composes_with_sparsity_masks_on_the_same_weight_edge(order):
     torch.testing.assert_close(exported(x), c.model(x), atol=1e-5, rtol=0)
     assert exported.get_submodule("layer1.0.conv2").weight.shape == (8, 8, 3, 3)
 
+
+
+def test_statistics_count_the_sliced_parameters_of_an_earlier_quantizer():
+    model, x = randomize_norms(resnet_tiny()), torch.randn(2, 3, 16, 16)
+    pipeline = [{"pass": "quantize", "bits": 8}, {"pass": "prune", "ratio": 0.5, **ALL}]
+    c = gk.compress(model, {"pipeline": pipeline}, x)
+    exported = c.export()
+    propagate_shapes(exported, x)
+    stats = c.statistics()["prune"]
+    assert stats["params"]["after"] == count_params(exported)
+    assert stats["flops"]["after"] == count_flops(exported)
 
 # -- configuration errors -----------------------------------------------------------------
 @pytest.mark.parametrize("options, message", [
