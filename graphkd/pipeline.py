@@ -219,12 +219,16 @@ class Pipeline:
         gm = trace(copy.deepcopy(model), inputs, leaf_modules=tuple(leaf_modules),
                    auto_leaf=auto_leaf)
         ctx = PassContext(example_inputs=inputs, original=model)
+        traced = set(gm.modules())
         if dump_dir is not None:
             dump_pipeline_stage(gm, dump_dir, 0, "traced", dump_formats)
         for i, p in enumerate(self.passes):
             self._run_pass(i, p, gm, ctx)
             if dump_dir is not None:
                 dump_pipeline_stage(gm, dump_dir, i + 1, p.name, dump_formats)
+        for module in gm.modules():  # what the passes added follows the model's mode
+            if module not in traced:
+                module.training = gm.training
         compressed = Compressed(gm, ctx)
         if calibration_data is not None:
             compressed.init_ranges(calibration_data, num_calibration_samples)

@@ -166,3 +166,19 @@ def test_entry_point_passes_are_discovered(monkeypatch) -> None:
 def test_builtin_passes_are_registered_through_entry_points() -> None:
     declared = {ep.name for ep in metadata.entry_points(group="graphkd.passes")}
     assert {"distill", "quantize", "sparsify", "prune"} <= declared
+
+
+def test_modules_the_passes_add_take_the_mode_of_an_eval_model() -> None:
+    """An eval-mode model stays in eval mode as a whole: no quantizer range update, no teacher
+    forward and no distillation loss until the user calls ``train()``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 4)
+    c = gk.compress(model, {"pipeline": [{"pass": "quantize"},
+                                         {"pass": "distill", "type": "mse"}]}, x)
+    assert not any(m.training for m in c.model.modules())
+    c.model(x)
+    assert float(c.loss()) == 0.0
+    c.model.train()
+    c.model(x)
+    assert c.loss().item() > 0.0
