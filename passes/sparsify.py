@@ -70,9 +70,10 @@ def weight_importance(weight: torch.Tensor, importance: str) -> torch.Tensor:
 
 def _zero_smallest(scores: torch.Tensor, level: float) -> torch.Tensor:
     """A 0/1 tensor shaped like ``scores`` that zeroes exactly ``round(level * numel)`` of the
-    smallest scores (ties broken arbitrarily, so the count is exact)."""
+    smallest scores (ties broken arbitrarily, so the count is exact), but never all of them: a
+    level below 1 always keeps the largest score."""
     mask = torch.ones_like(scores)
-    count = round(level * scores.numel())
+    count = min(round(level * scores.numel()), scores.numel() - 1)
     if count > 0:
         flat = mask.view(-1)
         flat[torch.topk(scores.reshape(-1), count, largest=False).indices] = 0

@@ -107,7 +107,7 @@ def test_masks_zero_exact_counts_of_the_least_important(
     groups = [[k] for k in weights] if mode == "local" else [list(weights)]
     for group in groups:
         total = sum(weights[k].numel() for k in group)
-        assert sum(zeros(masks[k]) for k in group) == round(level * total)
+        assert sum(zeros(masks[k]) for k in group) == min(round(level * total), total - 1)
         dropped = torch.cat([scores[k][masks[k] == 0] for k in group])
         kept = torch.cat([scores[k][masks[k] == 1] for k in group])
         if dropped.numel() and kept.numel():
@@ -434,3 +434,10 @@ def test_sparsify_quantize_distill_pipeline_trains_and_exports() -> None:
         exported = c.export()
     torch.testing.assert_close(exported(X), c.model(X), atol=1e-6, rtol=0)
     assert torch.equal(exported.get_submodule("conv").weight == 0, mask(c, "conv") == 0)
+
+
+def test_a_level_below_one_never_zeroes_a_whole_layer() -> None:
+    weight = torch.arange(1.0, 43.0).view(6, 7)
+    for mode in ("local", "global"):
+        (mask,) = magnitude_masks({"w": weight}, 0.999, mode, "abs").values()
+        assert mask.sum().item() == 1 and mask.view(-1)[-1].item() == 1  # the largest survives
