@@ -19,6 +19,7 @@ from graphkd.passes.quantizers import (
     ActivationQuantizer, FakeQuantize, QuantSpec, WeightQuantizer, integer_range,
 )
 from graphkd.zoo import mlp, resnet_tiny
+from tests.models import TwoInputs
 
 
 def quantize(model: nn.Module, x: torch.Tensor, **options) -> gk.Compressed:
@@ -330,20 +331,10 @@ def test_calibration_batches_cut_to_num_samples():
     assert got == [[0.0] * 4, [1.0] * 2]
 
 
-class _TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 3)
-        self.b = nn.Linear(5, 3)
-
-    def forward(self, x, y):
-        return self.a(x) * self.b(y)
-
-
 def test_two_input_model_is_quantized_and_calibrated_from_input_tuples():
     torch.manual_seed(0)
-    x, y = torch.randn(8, 4), torch.randn(8, 5)
-    c = gk.compress(_TwoInputs(), {"pipeline": [{"pass": "quantize"}]}, (x[:2], y[:2]),
+    x, y = torch.randn(8, 4), torch.randn(8, 6)
+    c = gk.compress(TwoInputs(), {"pipeline": [{"pass": "quantize"}]}, (x[:2], y[:2]),
                     calibration_data=[((x, y), torch.zeros(8))])
     observed = c.model.get_submodule("quantizers.input_y")
     expected = ActivationQuantizer(QuantSpec(8, "asymmetric"), learnable=True)
@@ -352,10 +343,10 @@ def test_two_input_model_is_quantized_and_calibrated_from_input_tuples():
 
 
 def test_calibration_batch_with_too_few_inputs_is_an_error_naming_the_layout():
-    x, y = torch.randn(2, 4), torch.randn(2, 5)
+    x, y = torch.randn(2, 4), torch.randn(2, 6)
     with pytest.raises(gk.ConfigError, match=r"1 input\(s\) but the model takes 2 \(x, y\)"
                                               r".*\(\(x, y\), target\)"):
-        gk.compress(_TwoInputs(), {"pipeline": [{"pass": "quantize"}]}, (x, y),
+        gk.compress(TwoInputs(), {"pipeline": [{"pass": "quantize"}]}, (x, y),
                     calibration_data=[(x, y)])
 
 
